@@ -1,0 +1,14 @@
+"""dfm_diffusers: Decomposable Flow Matching (arXiv 2506.19839) for Hugging Face diffusers."""
+
+__version__ = "0.1.0"
+
+from .decomposition import LaplacianDecomposition
+from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
+
+__all__ = [
+    "LaplacianDecomposition",
+    "DFMTrainingSigmas",
+    "dfm_loss",
+    "noise_stages",
+    "sample_dfm_training_sigmas",
+]

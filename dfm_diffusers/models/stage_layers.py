@@ -1,0 +1,169 @@
+"""Per-stage DFM layers shared by the FLUX-based and the DiT-based DFM transformers (paper section 3.4).
+
+Every stage s has its own patch size p_s, chosen so that all stages give the same token grid as the finest
+stage: p_s = p_finest / (H_finest / H_s). Patches are flattened in (channel, row, column) order, which is
+exactly FLUX's 2x2 latent packing (FluxPipeline._pack_latents) when p = 2.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.normalization import AdaLayerNormContinuous
+from torch import nn
+
+from ..utils import normalize_stage_factors
+
+
+def stage_patch_sizes(num_stages: int, stage_factors: int | Sequence[int], finest_patch_size: int) -> list[int]:
+    """Patch size of every stage (coarse to fine) so that all stages share the finest stage's token grid."""
+    factors = normalize_stage_factors(num_stages, stage_factors)
+    sizes = [finest_patch_size]
+    for f in reversed(factors):
+        if sizes[0] % f:
+            raise ValueError(
+                f"finest patch size {finest_patch_size} is not divisible by the stage factors {factors}: "
+                f"stage {num_stages - len(sizes) - 1} would need a fractional patch size"
+            )
+        sizes.insert(0, sizes[0] // f)
+    return sizes
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> tokens [B, (H/p)*(W/p), C*p*p], patch features in (c, py, px) order."""
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, patch_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: [B, (H/p)*(W/p), C*p*p] -> [B, C, H, W]."""
+    b, _, d = tokens.shape
+    p = patch_size
+    c = d // (p * p)
+    x = tokens.view(b, height // p, width // p, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, height, width)
+
+
+def stage_activity(num_active_stages: torch.Tensor, num_stages: int) -> torch.Tensor:
+    """[B] long -> [B, S] bool, True where stage s < num_active_stages."""
+    return torch.arange(num_stages, device=num_active_stages.device)[None, :] < num_active_stages[:, None]
+
+
+class StageTimestepEmbedding(nn.Module):
+    """FLUX/DiT-style sinusoidal (256 channels) + MLP timestep embedder; input is sigma in [0, 1]."""
+
+    def __init__(self, embedding_dim: int, num_channels: int = 256):
+        super().__init__()
+        self.time_proj = Timesteps(num_channels=num_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(in_channels=num_channels, time_embed_dim=embedding_dim)
+
+    def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """sigma [B] -> [B, D]; sigma is scaled by 1000 like diffusers' FLUX does internally."""
+        proj = self.time_proj(sigma.float() * 1000)
+        return self.timestep_embedder(proj.to(dtype))
+
+
+class StageOutputHead(nn.Module):
+    """adaLN-modulated LayerNorm + linear projection to one stage's patch features (FLUX's norm_out/proj_out)."""
+
+    def __init__(self, embedding_dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.norm_out = AdaLayerNormContinuous(embedding_dim, embedding_dim, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(embedding_dim, patch_size * patch_size * out_channels)
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """tokens [B, N, D], temb [B, D] -> [B, C, height, width]."""
+        return unpatchify(self.proj_out(self.norm_out(hidden_states, temb)), self.patch_size, height, width)
+
+
+class DFMStageLayers(nn.Module):
+    """The per-stage input projections, timestep embedders, stage-index embedding and output heads.
+
+    ``timestep_embedders`` exist for stages ``first_timestep_stage .. S-1`` (a model may embed stage 0's
+    sigma with its own embedder, as the FLUX-based model does with FLUX's time_text_embed).
+    """
+
+    def __init__(
+        self,
+        num_stages: int,
+        stage_factors: int | Sequence[int],
+        finest_patch_size: int,
+        in_channels: int,
+        out_channels: int,
+        embedding_dim: int,
+        first_timestep_stage: int = 0,
+    ):
+        super().__init__()
+        self.num_stages = num_stages
+        self.first_timestep_stage = first_timestep_stage
+        self.patch_sizes = stage_patch_sizes(num_stages, stage_factors, finest_patch_size)
+        self.finest_patch_size = finest_patch_size
+        self.patch_embedders = nn.ModuleList(
+            [nn.Linear(in_channels * p * p, embedding_dim) for p in self.patch_sizes]
+        )
+        self.timestep_embedders = nn.ModuleList(
+            [StageTimestepEmbedding(embedding_dim) for _ in range(first_timestep_stage, num_stages)]
+        )
+        self.stage_embedding = nn.Embedding(num_stages, embedding_dim)
+        self.heads = nn.ModuleList([StageOutputHead(embedding_dim, p, out_channels) for p in self.patch_sizes])
+
+    def check_inputs(self, stage_latents: Sequence[torch.Tensor], timestep: torch.Tensor, num_active_stages):
+        """ValueError unless the inputs follow the forward contract; returns the token grid (h, w)."""
+        S = self.num_stages
+        if not isinstance(stage_latents, (list, tuple)) or len(stage_latents) != S:
+            got = len(stage_latents) if isinstance(stage_latents, (list, tuple)) else type(stage_latents).__name__
+            raise ValueError(f"hidden_states must be a list of {S} stage tensors [B, C, H_s, W_s], got {got}")
+        if any(x.ndim != 4 for x in stage_latents):
+            raise ValueError(f"stage tensors must be [B, C, H_s, W_s], got {[tuple(x.shape) for x in stage_latents]}")
+        b, c = stage_latents[-1].shape[:2]
+        h, w = stage_latents[-1].shape[-2:]
+        p = self.finest_patch_size
+        if h % p or w % p:
+            raise ValueError(f"the finest stage's size {h}x{w} must be divisible by its patch size {p}")
+        grid = (h // p, w // p)
+        expected = [(b, c, grid[0] * ps, grid[1] * ps) for ps in self.patch_sizes]
+        got = [tuple(x.shape) for x in stage_latents]
+        if got != expected:
+            raise ValueError(f"stage tensors have shapes {got}; with patch sizes {self.patch_sizes} expected {expected}")
+        if timestep is None or tuple(timestep.shape) != (b, S):
+            got_t = None if timestep is None else tuple(timestep.shape)
+            raise ValueError(f"timestep must be per-stage sigmas of shape [B, S] = {(b, S)}, got {got_t}")
+        if num_active_stages is None or tuple(num_active_stages.shape) != (b,):
+            got_n = None if num_active_stages is None else tuple(num_active_stages.shape)
+            raise ValueError(f"num_active_stages must be a [B] = ({b},) integer tensor, got {got_n}")
+        if num_active_stages.min() < 1 or num_active_stages.max() > S:
+            raise ValueError(f"num_active_stages must be in 1..{S}, got {num_active_stages.tolist()}")
+        return grid
+
+    def embed_stages(self, stage_latents: Sequence[torch.Tensor], active: torch.Tensor) -> torch.Tensor:
+        """Sum of the per-stage patch embeddings; inactive stages' inputs are zeroed first. -> [B, N, D]."""
+        tokens = None
+        for s, (x, embedder) in enumerate(zip(stage_latents, self.patch_embedders)):
+            x = x * active[:, s].view(-1, 1, 1, 1).to(x.dtype)
+            emb = embedder(patchify(x, self.patch_sizes[s]).to(embedder.weight.dtype))
+            tokens = emb if tokens is None else tokens + emb
+        return tokens
+
+    def embed_conditioning(self, timestep: torch.Tensor, num_active_stages: torch.Tensor, dtype) -> torch.Tensor:
+        """Sum of the per-stage timestep embeddings (stages >= first_timestep_stage) and the stage-index
+        embedding of num_active_stages - 1. -> [B, D]."""
+        cond = self.stage_embedding(num_active_stages.long() - 1).to(dtype)
+        for i, embedder in enumerate(self.timestep_embedders):
+            cond = cond + embedder(timestep[:, self.first_timestep_stage + i], dtype)
+        return cond
+
+    def unembed_stages(
+        self, hidden_states: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int], active: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Per-stage heads -> list of S velocities [B, C, H_s, W_s]; inactive stages come back as zeros."""
+        outputs = []
+        for s, head in enumerate(self.heads):
+            p = self.patch_sizes[s]
+            out = head(hidden_states, temb, grid[0] * p, grid[1] * p)
+            outputs.append(out * active[:, s].view(-1, 1, 1, 1).to(out.dtype))
+        return outputs

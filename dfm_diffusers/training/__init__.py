@@ -1,0 +1,19 @@
+"""Training core shared by train_dfm_flux.py and train_dfm_dit.py."""
+
+from .objective import (
+    DFMTrainingSigmas,
+    default_stage_weights,
+    dfm_loss,
+    noise_stages,
+    sample_dfm_training_sigmas,
+    validate_training_distribution,
+)
+
+__all__ = [
+    "DFMTrainingSigmas",
+    "default_stage_weights",
+    "dfm_loss",
+    "noise_stages",
+    "sample_dfm_training_sigmas",
+    "validate_training_distribution",
+]

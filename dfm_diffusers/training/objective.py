@@ -1,0 +1,193 @@
+"""The DFM training distribution and loss (DESIGN section 3).
+
+Conventions: sigma = 1 is pure noise; x_sigma = (1 - sigma) * x + sigma * eps; target velocity v = eps - x.
+Per sample: s* ~ Categorical(stage_weights) is the stage being generated; stages s < s* are "previous"
+stages, partly denoised (sigma biased toward data); stages s > s* are masked (sigma 1, input zeroed, no loss).
+With one stage this is ordinary flow matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
+
+SIGMA_SAMPLINGS = ("logit_normal", "uniform")
+STAGE_SAMPLINGS = ("per_sample", "per_batch")
+
+
+@dataclass
+class DFMTrainingSigmas:
+    """sigmas [B, S] float32, stage [B] long (s*), loss_mask [B, S] float32 (1 for s <= s*)."""
+
+    sigmas: torch.Tensor
+    stage: torch.Tensor
+    loss_mask: torch.Tensor
+
+    @property
+    def num_active_stages(self) -> torch.Tensor:
+        """[B] long: s* + 1, the model's ``num_active_stages`` input."""
+        return self.stage + 1
+
+
+def default_stage_weights(num_stages: int) -> list[float]:
+    """The paper's stage weights: [0.9, 0.1] for 2 stages; otherwise 0.9 on stage 0, the rest shared."""
+    if num_stages == 1:
+        return [1.0]
+    if num_stages == 2:
+        return [0.9, 0.1]
+    return [0.9] + [0.1 / (num_stages - 1)] * (num_stages - 1)
+
+
+def validate_training_distribution(
+    num_stages: int,
+    stage_weights: Sequence[float] | None,
+    logit_std: float,
+    previous_logit_std: float,
+    sigma_sampling: str = "logit_normal",
+    stage_sampling: str = "per_sample",
+) -> list[float]:
+    """Check the distribution's parameters; returns the stage weights normalized to sum 1."""
+    if not isinstance(num_stages, int) or num_stages < 1:
+        raise ValueError(f"num_stages must be an int >= 1, got {num_stages!r}")
+    weights = default_stage_weights(num_stages) if stage_weights is None else [float(w) for w in stage_weights]
+    if len(weights) != num_stages:
+        raise ValueError(f"stage_weights must hold num_stages = {num_stages} numbers, got {weights}")
+    if any(not w > 0 for w in weights):
+        raise ValueError(f"stage_weights must all be positive, got {weights}")
+    if not logit_std > 0:
+        raise ValueError(f"logit_std must be > 0, got {logit_std}")
+    if not previous_logit_std > 0:
+        raise ValueError(f"previous_logit_std must be > 0, got {previous_logit_std}")
+    if sigma_sampling not in SIGMA_SAMPLINGS:
+        raise ValueError(f"sigma_sampling must be one of {SIGMA_SAMPLINGS}, got {sigma_sampling!r}")
+    if stage_sampling not in STAGE_SAMPLINGS:
+        raise ValueError(f"stage_sampling must be one of {STAGE_SAMPLINGS}, got {stage_sampling!r}")
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def sample_dfm_training_sigmas(
+    batch_size: int,
+    num_stages: int,
+    stage_weights: Sequence[float] | None = None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    previous_logit_mean: float = 1.5,
+    previous_logit_std: float = 1.0,
+    sigma_sampling: str = "logit_normal",
+    stage_sampling: str = "per_sample",
+    tied_timesteps: bool = False,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> DFMTrainingSigmas:
+    """Draw the per-sample DFM training sigmas.
+
+    Args:
+        stage_weights: probabilities of s* (normalized; default [0.9, 0.1] for 2 stages).
+        logit_mean, logit_std: sigma_{s*} = sigmoid(N(logit_mean, logit_std)).
+        previous_logit_mean, previous_logit_std: for s < s*, sigma_s = sigmoid(N(-previous_logit_mean,
+            previous_logit_std)), i.e. t = 1 - sigma is logit-normal with location previous_logit_mean
+            (the paper's 1.5 "toward data").
+        sigma_sampling: "logit_normal" or "uniform" (ablation: every active sigma ~ U(0, 1)).
+        stage_sampling: "per_sample" (default) or "per_batch" (one s* for the whole batch; ablation).
+        tied_timesteps: ablation in which all stages are generated together with one shared sigma (every
+            stage active, no masking; stage_weights is then unused).
+        generator: makes the draw reproducible; tensors are drawn on ``generator``'s device.
+
+    Returns:
+        DFMTrainingSigmas(sigmas [B, S], stage [B], loss_mask [B, S]).
+    """
+    weights = validate_training_distribution(
+        num_stages, stage_weights, logit_std, previous_logit_std, sigma_sampling, stage_sampling
+    )
+    draw_device = generator.device if generator is not None else device
+
+    def draw(mean: float, std: float, size: int) -> torch.Tensor:
+        scheme = "logit_normal" if sigma_sampling == "logit_normal" else "uniform"
+        return compute_density_for_timestep_sampling(
+            scheme, size, logit_mean=mean, logit_std=std, device=draw_device, generator=generator
+        )
+
+    if tied_timesteps:
+        stage = torch.full((batch_size,), num_stages - 1, dtype=torch.long, device=draw_device)
+        sigmas = draw(logit_mean, logit_std, batch_size)[:, None].repeat(1, num_stages)
+    else:
+        probs = torch.tensor(weights, dtype=torch.float32, device=draw_device)
+        count = batch_size if stage_sampling == "per_sample" else 1
+        stage = torch.multinomial(probs, count, replacement=True, generator=generator).expand(batch_size)
+        current = draw(logit_mean, logit_std, batch_size)
+        previous = draw(-previous_logit_mean, previous_logit_std, batch_size * num_stages).view(batch_size, num_stages)
+        index = torch.arange(num_stages, device=draw_device)[None, :]
+        sigmas = torch.where(index < stage[:, None], previous, torch.ones_like(previous))
+        sigmas = torch.where(index == stage[:, None], current[:, None], sigmas)
+    index = torch.arange(num_stages, device=draw_device)[None, :]
+    loss_mask = (index <= stage[:, None]).float()
+    return DFMTrainingSigmas(
+        sigmas=sigmas.float().to(device), stage=stage.contiguous().to(device), loss_mask=loss_mask.to(device)
+    )
+
+
+def noise_stages(
+    stage_latents: Sequence[torch.Tensor],
+    sigmas: torch.Tensor,
+    loss_mask: torch.Tensor,
+    noise: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Noise every stage at its sigma and zero the inputs of masked stages.
+
+    Args:
+        stage_latents: S clean bands, [B, C, H_s, W_s].
+        sigmas: [B, S]; loss_mask: [B, S] (0 marks a masked stage).
+        noise: optional S tensors like ``stage_latents``; drawn with ``generator`` otherwise.
+
+    Returns:
+        (model inputs, velocity targets eps - x), two lists of S tensors in the latents' dtype.
+    """
+    if len(stage_latents) != sigmas.shape[1]:
+        raise ValueError(f"got {len(stage_latents)} stage tensors but sigmas has {sigmas.shape[1]} stages")
+    inputs, targets = [], []
+    for s, x in enumerate(stage_latents):
+        eps = (
+            noise[s]
+            if noise is not None
+            else torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device)
+        ).to(device=x.device, dtype=torch.float32)
+        sigma = sigmas[:, s].to(device=x.device, dtype=torch.float32).view(-1, *([1] * (x.ndim - 1)))
+        keep = loss_mask[:, s].to(device=x.device, dtype=torch.float32).view_as(sigma)
+        x32 = x.float()
+        inputs.append((((1 - sigma) * x32 + sigma * eps) * keep).to(x.dtype))
+        targets.append((eps - x32).to(x.dtype))
+    return inputs, targets
+
+
+def dfm_loss(
+    model_output: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    loss_mask: torch.Tensor,
+    stage_loss_weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked per-stage velocity MSE.
+
+    term_s = w_s * mean_b(mask_bs * mean_{c,h,w}((v_hat - v)^2)); loss = sum_s term_s.
+    With one stage this equals ordinary flow-matching MSE.
+
+    Returns:
+        (loss: scalar float32, per_stage: [S] float32, the terms that sum to the loss).
+    """
+    num_stages = len(targets)
+    if len(model_output) != num_stages:
+        raise ValueError(f"got {len(model_output)} predictions for {num_stages} stages")
+    weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
+    if len(weights) != num_stages:
+        raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
+    terms = []
+    for s in range(num_stages):
+        err = (model_output[s].float() - targets[s].float()) ** 2
+        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
+        terms.append(weights[s] * (per_sample * loss_mask[:, s].to(per_sample)).mean())
+    per_stage = torch.stack(terms)
+    return per_stage.sum(), per_stage

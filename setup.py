@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dfm-diffusers",
+    version="0.1.0",
+    description="Decomposable Flow Matching (arXiv 2506.19839) for Hugging Face diffusers",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dfm_diffusers", "dfm_diffusers.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "diffusers>=0.42",
+        "transformers>=4.45",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "datasets>=3.0",
+        "safetensors",
+        "huggingface-hub",
+        "bitsandbytes",
+        "pyyaml",
+        "tqdm",
+        "numpy",
+        "pillow",
+        "sentencepiece",
+        "protobuf",
+        "tensorboard",
+    ],
+    extras_require={"test": ["pytest>=8", "scikit-image"]},
+    license="Apache-2.0",
+)

@@ -3,10 +3,12 @@
 __version__ = "0.1.0"
 
 from .decomposition import LaplacianDecomposition
+from .schedulers import DFMScheduler
 from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
 
 __all__ = [
     "LaplacianDecomposition",
+    "DFMScheduler",
     "DFMTrainingSigmas",
     "dfm_loss",
     "noise_stages",

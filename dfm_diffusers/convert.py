@@ -1,0 +1,55 @@
+"""Convert a FLUX pipeline (local folder or Hub id) into a DFMPipeline folder.
+
+    python -m dfm_diffusers.convert --flux black-forest-labs/FLUX.1-dev --output ./flux-dfm \
+        [--num-stages 2] [--stage-factors 2] [--steps-per-stage 30 10] [--stage-thresholds 0.1] \
+        [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
+
+Stage 0 reuses FLUX's patch embedding, timestep embedder and output head (exactly, see
+DFMTransformer2DModel.from_flux); later stages start at zero, so the converted model initially generates
+FLUX's image at stage 0's resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from diffusers import FluxPipeline
+
+from .pipelines.pipeline_dfm import DFMPipeline
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flux", required=True, help="FluxPipeline folder or Hub id")
+    parser.add_argument("--output", required=True, help="folder to write the DFMPipeline to")
+    parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--stage-factors", type=int, nargs="+", default=[2])
+    parser.add_argument("--steps-per-stage", type=int, nargs="+", default=None)
+    parser.add_argument("--stage-thresholds", type=float, nargs="+", default=None, help="sigmas (1 - the paper's tau)")
+    parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    args = parser.parse_args(argv)
+
+    factors = args.stage_factors[0] if len(args.stage_factors) == 1 else args.stage_factors
+    flux = FluxPipeline.from_pretrained(args.flux, torch_dtype=DTYPES[args.torch_dtype], revision=args.revision)
+    pipe = DFMPipeline.from_flux_pipeline(
+        flux,
+        num_stages=args.num_stages,
+        stage_factors=factors,
+        steps_per_stage=args.steps_per_stage,
+        stage_thresholds=args.stage_thresholds,
+    )
+    pipe.save_pretrained(args.output)
+    print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")
+    if args.push_to_hub:
+        repo = pipe.push_to_hub(args.push_to_hub, base_model=args.flux)
+        print(f"pushed to https://huggingface.co/{repo}")
+    return pipe
+
+
+if __name__ == "__main__":
+    main()

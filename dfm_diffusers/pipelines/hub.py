@@ -1,0 +1,105 @@
+"""Hub loading and pushing shared by the DFM pipelines.
+
+diffusers' own Hub download path rejects components whose library is a pip package other than diffusers /
+transformers, so ``from_pretrained`` resolves a repo id with ``huggingface_hub.snapshot_download`` first and
+then loads the local folder. ``push_to_hub`` saves the pipeline, writes a model card and uploads the folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from huggingface_hub import HfApi, snapshot_download
+
+_SNAPSHOT_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+class DFMHubMixin:
+    """Mixed into DFM pipelines ahead of DiffusionPipeline."""
+
+    model_card_kind = "generic"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Load from a local folder or a Hub repo id (downloaded with snapshot_download first)."""
+        path = str(pretrained_model_name_or_path)
+        if not os.path.isdir(path):
+            snapshot_kwargs = {k: kwargs.pop(k) for k in _SNAPSHOT_KWARGS if k in kwargs}
+            if "token" not in snapshot_kwargs and "use_auth_token" in kwargs:
+                snapshot_kwargs["token"] = kwargs.pop("use_auth_token")
+            path = snapshot_download(path, **snapshot_kwargs)
+        return super().from_pretrained(path, **kwargs)
+
+    def model_card(self, repo_id: str, base_model: str | None = None) -> str:
+        """Markdown model card (with YAML metadata) describing the DFM settings and how to load."""
+        t, s = self.transformer.config, self.scheduler.config
+        thresholds = list(s.stage_thresholds)
+        taus = [round(1 - x, 6) for x in thresholds]
+        pipeline_class = type(self).__name__
+        meta = ["---", "library_name: diffusers", "license: other"]
+        if base_model:
+            meta.append(f"base_model: {base_model}")
+        task = "text-to-image" if self.model_card_kind == "flux" else "unconditional-image-generation"
+        meta += [f"pipeline_tag: {task}", "tags:", "- decomposable-flow-matching", "- dfm", "- dfm-diffusers", "---"]
+        lines = [
+            f"# {repo_id.split('/')[-1]}",
+            "",
+            "A Decomposable Flow Matching (DFM, arXiv 2506.19839) model: the latent is split into a Laplacian "
+            "pyramid and generated coarse to fine inside one transformer, every stage with its own flow timestep.",
+            "",
+            "## DFM settings",
+            "",
+            f"- base model: {base_model or 'trained from scratch'}",
+            f"- transformer: `{type(self.transformer).__name__}`",
+            f"- stages: {t.num_stages}, resolution factors between stages: {t.stage_factors}",
+            f"- steps per stage: {list(s.steps_per_stage)}",
+            f"- stage thresholds (sigma, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
+            f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
+            "",
+            "## How to load",
+            "",
+            "```python",
+            "import torch",
+            f"from dfm_diffusers import {pipeline_class}",
+            "",
+            f'pipe = {pipeline_class}.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)',
+        ]
+        if self.model_card_kind == "flux":
+            lines += [
+                'out = pipe("a photo of a cat", return_previews=True)',
+                "out.images[0].save('cat.png')  # out.previews: one low-resolution preview per stage",
+            ]
+        else:
+            lines += [
+                "out = pipe(class_labels=[1, 2, 3], return_previews=True)",
+                "out.images[0].save('sample.png')  # out.previews: one low-resolution preview per stage",
+            ]
+        lines += ["```", "", "Install with `pip install dfm-diffusers`; the pipeline needs `import dfm_diffusers`."]
+        return "\n".join(meta + lines) + "\n"
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        base_model: str | None = None,
+    ) -> str:
+        """Save the pipeline with a model card and upload it to ``repo_id``; returns the repo id."""
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+                f.write(self.model_card(repo_id, base_model=base_model))
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or f"Upload {type(self).__name__}",
+                create_pr=create_pr,
+            )
+        return repo_id

@@ -1,0 +1,136 @@
+"""DFMDiTPipeline: class-conditional coarse-to-fine generation with a DFM-DiT (pixel or latent space)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
+from ..schedulers import DFMScheduler
+from .hub import DFMHubMixin
+from .pipeline_dfm import DFMPipelineOutput, decomposition_for
+
+
+class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
+    """Class labels -> images with a DFMDiTTransformer2DModel and a DFMScheduler.
+
+    ``vae`` is optional: None means the transformer works in pixel space ([-1, 1]); otherwise any diffusers
+    AutoencoderKL, latents being ``(z - shift_factor) * scaling_factor``.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    model_card_kind = "dit"
+
+    def __init__(self, transformer: DFMDiTTransformer2DModel, scheduler: DFMScheduler, vae=None):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def decomposition(self):
+        return decomposition_for(self.transformer)
+
+    def decode_latents(self, latents: torch.Tensor, output_type: str):
+        """Finest-resolution latent (or pixels) -> images in ``output_type``."""
+        if output_type == "latent":
+            return latents
+        if self.vae is not None:
+            shift = self.vae.config.get("shift_factor", None) or 0.0
+            latents = latents / self.vae.config.scaling_factor + shift
+            latents = self.vae.decode(latents.to(device=self.vae.device, dtype=self.vae.dtype), return_dict=False)[0]
+        return self.image_processor.postprocess(latents.float().clamp(-1, 1), output_type=output_type)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: Sequence[int] | torch.Tensor,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
+        steps_per_stage: Sequence[int] | int | None = None,
+        stage_thresholds: Sequence[float] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: list[torch.Tensor] | None = None,
+        output_type: str = "pil",
+        return_previews: bool = False,
+        return_dict: bool = True,
+    ):
+        """Generate one image per class label.
+
+        Args:
+            guidance_scale: classifier-free guidance scale (1 = off), applied per active stage.
+            guidance_interval: optional (low, high) sigma interval: a stage is guided only while its own sigma
+                lies inside it (guidance interval, Kynkaanniemi et al. 2024).
+            steps_per_stage / stage_thresholds: override the scheduler config for this call.
+            latents: optional list of per-stage initial noise [B, C, H_s, W_s].
+        """
+        config = self.transformer.config
+        device = self._execution_device
+        labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
+            raise ValueError(f"class_labels must be in 0..{config.num_classes - 1}, got {labels.tolist()}")
+        if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
+            raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
+        batch = labels.shape[0]
+        decomposition = self.decomposition
+        shapes = [(batch, config.in_channels, h, w) for h, w in decomposition.stage_shapes(config.sample_size, config.sample_size)]
+        dtype = self.transformer.dtype
+        if latents is None:
+            latents = [randn_tensor(shape, generator=generator, device=device, dtype=dtype) for shape in shapes]
+        elif [tuple(x.shape) for x in latents] != shapes:
+            raise ValueError(f"latents must be per-stage tensors shaped {shapes}, got {[tuple(x.shape) for x in latents]}")
+        else:
+            latents = [x.to(device=device, dtype=dtype) for x in latents]
+
+        seq_len = (config.sample_size // config.patch_size) ** 2
+        mu = None
+        if self.scheduler.config.use_dynamic_shifting:
+            from ..schedulers import calculate_shift
+
+            sc = self.scheduler.config
+            mu = calculate_shift(seq_len, sc.base_image_seq_len, sc.max_image_seq_len, sc.base_shift, sc.max_shift)
+        self.scheduler.set_timesteps(steps_per_stage, device=device, mu=mu, stage_thresholds=stage_thresholds)
+        do_cfg = guidance_scale != 1.0
+        null = torch.full_like(labels, config.num_classes)
+        model_labels = torch.cat([labels, null]) if do_cfg else labels
+        num_stages = len(latents)
+        previews = [] if return_previews else None
+        phase_ends = {sum(self.scheduler.steps_per_stage[: i + 1]) - 1 for i in range(num_stages)}
+
+        for i in self.progress_bar(range(self.scheduler.num_inference_steps)):
+            stage_sigmas = self.scheduler.sigmas[i]
+            n = model_labels.shape[0]
+            model_in = [torch.cat([x, x]) if do_cfg else x for x in latents]
+            velocity = self.transformer(
+                model_in,
+                timestep=stage_sigmas[None].expand(n, num_stages).to(dtype),
+                num_active_stages=self.scheduler.num_active_stages[i].expand(n),
+                class_labels=model_labels,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                guided = []
+                for s, v in enumerate(velocity):
+                    cond, uncond = v.chunk(2)
+                    sigma = float(stage_sigmas[s])
+                    inside = guidance_interval is None or guidance_interval[0] <= sigma <= guidance_interval[1]
+                    guided.append(uncond + guidance_scale * (cond - uncond) if inside else cond)
+                velocity = guided
+            stage = int(self.scheduler.stage_index[i])
+            if previews is not None and i in phase_ends and stage < num_stages - 1:
+                x0 = [latents[s].float() - stage_sigmas[s] * velocity[s].float() for s in range(stage + 1)]
+                previews.append(self.decode_latents(decomposition.preview(x0, upto=stage), output_type))
+            latents = self.scheduler.step(velocity, i, latents, return_dict=False)[0]
+
+        image = self.decode_latents(decomposition.recompose(latents), output_type)
+        if previews is not None:
+            previews.append(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,) if previews is None else (image, previews)
+        return DFMPipelineOutput(images=image, previews=previews)

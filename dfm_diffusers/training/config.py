@@ -1,0 +1,52 @@
+"""Training configuration: a dataclass filled from a YAML file and ``--key value`` command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import yaml
+
+
+def load_config(cls, config_path: str | None = None, overrides: Sequence[str] = ()):
+    """Build dataclass ``cls`` from an optional YAML file, then ``--key value`` / ``--key=value`` overrides.
+
+    Values are parsed as YAML (``--stage_weights "[0.8, 0.2]"``, ``--use_ema false``); dashes in keys may be
+    written as underscores or dashes. Unknown keys raise ValueError naming the known ones.
+    """
+    values: dict[str, Any] = {}
+    if config_path:
+        with open(config_path, encoding="utf-8") as f:
+            values.update(yaml.safe_load(f) or {})
+    args = list(overrides)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key value, got {arg!r}")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ValueError(f"{arg} needs a value")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        values[key.replace("-", "_")] = yaml.safe_load(raw)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def flat_hparams(config) -> dict[str, Any]:
+    """Scalars only (lists and None as strings), for TensorBoard's hparams."""
+    out = {}
+    for k, v in config_to_dict(config).items():
+        out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

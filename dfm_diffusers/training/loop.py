@@ -1,0 +1,311 @@
+"""The training loop shared by the DFM trainers (accelerate, diffusers' EMAModel, atomic checkpoints).
+
+A trainer script supplies the model, the dataset and three callables:
+- ``loss_fn(model, batch) -> (loss, logs: dict[str, float])``
+- ``sample_fn(model, step) -> None`` (writes sample grids; called with EMA weights swapped in)
+- ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from ..utils import configure_attention_backends
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation and bookkeeping settings common to every DFM trainer."""
+
+    output_dir: str = "outputs/dfm"
+    seed: int = 0
+    train_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 1000
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    max_grad_norm: float = 1.0
+    use_ema: bool = True
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    mixed_precision: str = "no"
+    torch_compile: bool = False
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 2
+    validation_steps: int = 500
+    log_every: int = 10
+    resume_from_checkpoint: str | None = None
+    report_to: str | None = "tensorboard"
+    tracker_project_name: str = "dfm"
+    extra: dict = field(default_factory=dict)
+
+
+def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """Completed checkpoints as (step, path), oldest first (temporary, half-written folders are ignored)."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoint_dir):
+        match = CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(checkpoint_dir, name)):
+            found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
+    return sorted(found)
+
+
+def resolve_resume_path(resume: str | None, checkpoint_dir: str) -> str | None:
+    """``"latest"`` -> the newest completed checkpoint (None if there is none); a path is checked."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(checkpoint_dir)
+        return found[-1][1] if found else None
+    if not os.path.isdir(resume):
+        raise ValueError(f"resume_from_checkpoint={resume!r} is not a checkpoint folder")
+    return resume
+
+
+def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (needs a CUDA GPU)."""
+    kwargs = dict(
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay,
+        eps=config.adam_epsilon,
+    )
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
+            raise ImportError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`") from e
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class TrainingLog:
+    """JSON-lines metrics log that survives resumes (entries after the resumed step are dropped)."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int):
+        if not (self.enabled and os.path.exists(self.path)):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        with open(self.path, "w", encoding="utf-8") as f:
+            for row in rows:
+                if row["step"] <= step:
+                    f.write(json.dumps(row) + "\n")
+
+    def append(self, row: dict[str, Any]):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def run_training(
+    config: LoopConfig,
+    model: torch.nn.Module,
+    dataset,
+    loss_fn: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]],
+    sample_fn: Callable[[torch.nn.Module, int], None] | None = None,
+    export_fn: Callable[[torch.nn.Module, str], None] | None = None,
+    collate_fn=None,
+    hparams: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` on ``dataset`` for ``config.max_train_steps`` optimizer steps.
+
+    Checkpoints (accelerate save_state, EMA included) go to ``<output_dir>/checkpoints/checkpoint-<step>``,
+    written under a temporary name and renamed, so a killed save never replaces the latest good one.
+    Returns a summary dict (final step, last loss, export folder).
+    """
+    configure_attention_backends()
+    os.makedirs(config.output_dir, exist_ok=True)
+    checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=config.report_to or None,
+        project_config=ProjectConfiguration(
+            project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(config.seed)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = make_optimizer(trainable, config)
+    lr_scheduler = get_scheduler(
+        config.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=config.max_train_steps * accelerator.num_processes,
+    )
+    if len(dataset) == 0:
+        raise ValueError("the training dataset is empty")
+    dataloader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=config.train_batch_size,
+        shuffle=True,
+        drop_last=len(dataset) >= config.train_batch_size * accelerator.num_processes,
+        num_workers=config.dataloader_num_workers,
+        collate_fn=collate_fn,
+    )
+    model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
+    ema = None
+    if config.use_ema:
+        base = accelerator.unwrap_model(model)
+        ema = EMAModel(
+            [p for p in base.parameters() if p.requires_grad], decay=config.ema_decay, use_ema_warmup=config.ema_warmup
+        )
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    if config.torch_compile:
+        model = torch.compile(model)
+
+    if accelerator.is_main_process and config.report_to:
+        accelerator.init_trackers(config.tracker_project_name, config=hparams or {})
+
+    log = TrainingLog(os.path.join(config.output_dir, "training_log.jsonl"), accelerator.is_main_process)
+    steps_per_epoch = max(1, math.ceil(len(dataloader) / config.gradient_accumulation_steps))
+    global_step = 0
+    resume_path = resolve_resume_path(config.resume_from_checkpoint, checkpoint_dir)
+    if config.resume_from_checkpoint and resume_path is None:
+        logger.warning("resume_from_checkpoint=latest but no checkpoint exists yet: starting from scratch")
+    if resume_path:
+        accelerator.load_state(resume_path)
+        global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
+        log.truncate_after(global_step)
+        accelerator.print(f"resumed from {resume_path} at step {global_step}")
+
+    def save_checkpoint(step: int):
+        accelerator.wait_for_everyone()
+        final = os.path.join(checkpoint_dir, f"checkpoint-{step}")
+        tmp = final + ".tmp"
+        if accelerator.is_main_process:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            if config.checkpoints_total_limit:
+                for _, old in list_checkpoints(checkpoint_dir)[: -config.checkpoints_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    def with_ema_weights(fn: Callable, *args):
+        base = accelerator.unwrap_model(model)
+        was_training = base.training
+        base.eval()
+        if ema is not None:
+            params = [p for p in base.parameters() if p.requires_grad]
+            ema.store(params)
+            ema.copy_to(params)
+        try:
+            return fn(base, *args)
+        finally:
+            if ema is not None:
+                ema.restore(params)
+            base.train(was_training)
+
+    progress = tqdm(
+        total=config.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process
+    )
+    last_loss = float("nan")
+    tic, window_start_step = time.perf_counter(), global_step
+    epoch = global_step // steps_per_epoch
+    while global_step < config.max_train_steps:
+        dataloader.set_epoch(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss, logs = loss_fn(model, batch)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+            last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}")
+            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+                elapsed = time.perf_counter() - tic
+                row = {"step": global_step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}
+                row.update({k: float(v) for k, v in logs.items()})
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
+                tic, window_start_step = time.perf_counter(), global_step
+                log.append(row)
+                if config.report_to:
+                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                save_checkpoint(global_step)
+            if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
+                if accelerator.is_main_process:
+                    with_ema_weights(sample_fn, global_step)
+                accelerator.wait_for_everyone()
+            if global_step >= config.max_train_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    if config.checkpointing_steps and global_step % config.checkpointing_steps != 0:
+        save_checkpoint(global_step)
+    export_dir = os.path.join(config.output_dir, "pipeline")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if sample_fn and (not config.validation_steps or global_step % config.validation_steps != 0):
+            with_ema_weights(sample_fn, global_step)
+        if export_fn:
+            with_ema_weights(export_fn, export_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {"global_step": global_step, "loss": last_loss, "export_dir": export_dir, "log": log.read()}

@@ -1,0 +1,152 @@
+"""Training throughput: DFM-DiT-XL/2 (2 stages) vs DiT-XL/2 (plain flow matching, 1 stage).
+
+    python bench/bench_dit.py --out <dir>                       # GPU: 512px as FLUX-VAE latents [B, 16, 64, 64]
+    python bench/bench_dit.py --small --device cpu --out <dir>
+
+One training iteration = Laplacian decomposition + DFM sigma sampling + noising + forward + loss + backward +
+AdamW step (bf16 autocast, fp32 weights), exactly the calls DiTTask.loss_fn makes; with num_stages 1 it is
+plain flow matching. The batch is the largest of --batches that fits both models. Model FLOPs are counted
+with torch.utils.flop_counter on one iteration; MFU = FLOPs / time / --peak-tflops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dfm_diffusers import DFMDiTTransformer2DModel, LaplacianDecomposition  # noqa: E402
+from dfm_diffusers.training import dfm_loss, noise_stages, sample_dfm_training_sigmas  # noqa: E402
+from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
+
+
+def make_step(model, decomposition, device, autocast_dtype):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    S = model.config.num_stages
+
+    def step(x, labels):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            bands = decomposition.decompose(x)
+            draw = sample_dfm_training_sigmas(x.shape[0], S, device=device)
+            inputs, targets = noise_stages(bands, draw.sigmas, draw.loss_mask)
+            pred = model(inputs, timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
+                         class_labels=labels, return_dict=False)[0]
+            loss, _ = dfm_loss(pred, targets, draw.loss_mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step, optimizer
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 128, 64, 32])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    configure_attention_backends()
+    cuda = device.type == "cuda"
+    autocast_dtype = torch.bfloat16 if cuda else None
+    names = ("DiT-S/2", "DFM-DiT-S/2") if args.small else ("DiT-XL/2", "DFM-DiT-XL/2")
+    channels, size = (4, 16) if args.small else (16, 64)
+    batches = [8] if args.small else args.batches
+
+    models = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = DFMDiTTransformer2DModel.from_preset(name, in_channels=channels, sample_size=size).to(device).train()
+        dec = LaplacianDecomposition(model.config.num_stages, model.config.stage_factors)
+        models[name] = (model, dec)
+
+    def try_batch(batch):
+        x = torch.randn(batch, channels, size, size, device=device)
+        labels = torch.randint(0, 1000, (batch,), device=device)
+        steps = {}
+        for name, (model, dec) in models.items():
+            steps[name] = make_step(model, dec, device, autocast_dtype)
+            steps[name][0](x, labels)  # allocates optimizer state too
+        return x, labels, steps
+
+    for batch in batches:
+        try:
+            x, labels, steps = try_batch(batch)
+            break
+        except torch.OutOfMemoryError:
+            for model, _ in models.values():
+                model.zero_grad(set_to_none=True)
+            steps = None
+            torch.cuda.empty_cache()
+    if steps is None:
+        raise SystemExit("no batch size fits")
+
+    flops = {}
+    for name, (step, _) in steps.items():
+        with FlopCounterMode(display=False) as counter:
+            step(x, labels)
+        flops[name] = counter.get_total_flops()
+
+    def timed(name):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        steps[name][0](x, labels)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        for name in names:
+            timed(name)
+    times = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            times[name].append(timed(name))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = {}
+    for name in names:
+        rows[name] = {
+            "params_M": round(sum(p.numel() for p in models[name][0].parameters()) / 1e6, 2),
+            "s_per_iter": round(med[name], 5),
+            "images_per_s": round(batch / med[name], 2),
+            "model_tflop_per_iter": round(flops[name] / 1e12, 3),
+            "mfu": round(flops[name] / med[name] / (args.peak_tflops * 1e12), 4),
+        }
+    fm, dfm = names
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "diffusers": __import__("diffusers").__version__,
+        "latent_shape": [channels, size, size],
+        "batch": batch,
+        "rows": rows,
+        "all_runs": times,
+        "ratio_dfm_over_fm_time": round(med[dfm] / med[fm], 4),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "dit_results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"batch {batch}, latents {channels}x{size}x{size}")
+    print("| model | params (M) | s / iter | images / s | TFLOP / iter | MFU |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['params_M']} | {r['s_per_iter']} | {r['images_per_s']} | "
+              f"{r['model_tflop_per_iter']} | {r['mfu']:.1%} |")
+    print(f"ratio DFM / FM time per iteration = {result['ratio_dfm_over_fm_time']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

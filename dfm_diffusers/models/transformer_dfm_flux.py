@@ -1,0 +1,361 @@
+"""DFMTransformer2DModel: FLUX (diffusers' FluxTransformer2DModel) turned into a Decomposable Flow Matching model.
+
+The model takes one latent per stage (coarse to fine, [B, C, H_s, W_s] with C = in_channels // 4), one sigma per
+stage ([B, S]) and the number of active stages ([B]); it returns one velocity per stage. Inside, every stage is
+patchified with its own patch size so that all stages give the finest stage's token grid (the finest stage uses
+FLUX's 2x2 packing, a stage 2x coarser uses patch 1), the per-stage token embeddings are summed and the FLUX blocks
+run once on the summed tokens. Stage 0's sigma goes through FLUX's own timestep/guidance/pooled-text embedder;
+later stages' sigmas through per-stage embedders; an embedding of the stage index (num_active_stages - 1) is added
+to the conditioning. One output head per stage.
+
+`DFMTransformer2DModel.from_flux` converts a FLUX transformer (paper appendix E, DESIGN.md section 5): right after
+conversion the stage-0 velocity is avgpool(FLUX(pack(nearest_upsample(x_0)))) and the other stages' velocities are 0.
+
+Not supported (FLUX's forward has them): ControlNet residuals, IP-Adapter image embeds, context parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401  (pipeline loaders look up ModelMixin here)
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
+from diffusers.utils import BaseOutput, apply_lora_scale
+
+from ..utils import normalize_stage_factors
+from .stage_layers import DFMStageLayers, stage_activity
+
+# FLUX packs 2x2 latent pixels into one token: the finest stage's patch size.
+FLUX_PACKING = 2
+
+# Every FluxTransformer2DModel.__init__ argument; from_flux copies these from the FLUX config.
+FLUX_CONFIG_KEYS = (
+    "patch_size",
+    "in_channels",
+    "out_channels",
+    "num_layers",
+    "num_single_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "pooled_projection_dim",
+    "guidance_embeds",
+    "axes_dims_rope",
+)
+
+# FLUX modules replaced by the per-stage layers (stage 0's versions live in stage_layers).
+REPLACED_FLUX_MODULES = ("x_embedder", "norm_out", "proj_out")
+
+
+@dataclass
+class DFMTransformer2DModelOutput(BaseOutput):
+    """sample: list of S per-stage velocities [B, C, H_s, W_s] (zeros for inactive stages)."""
+
+    sample: list[torch.Tensor]
+
+
+class DFMTransformer2DModel(FluxTransformer2DModel):
+    """FLUX with per-stage input projections, timestep embedders, stage-index embedding and output heads.
+
+    Config: every FluxTransformer2DModel argument (``in_channels`` keeps FLUX's meaning: latent channels x 2x2
+    packing of the finest stage, e.g. 64 = 16 x 4; ``patch_size`` must stay 1 as in every FLUX checkpoint), plus
+
+    - ``num_stages`` (default 2): number of DFM stages S;
+    - ``stage_factors`` (int or list of S-1 ints, default 2): resolution factor between consecutive stages. The
+      finest stage uses FLUX's 2x2 packing, so the coarsest stage can be at most 2x smaller than the finest one:
+      supported are S=1, and S=2 with factor 2.
+    """
+
+    _cp_plan = None  # FLUX's context-parallel plan refers to proj_out and packed tokens; not supported here.
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 1,
+        in_channels: int = 64,
+        out_channels: int | None = None,
+        num_layers: int = 19,
+        num_single_layers: int = 38,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 4096,
+        pooled_projection_dim: int = 768,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        num_stages: int = 2,
+        stage_factors: int | Sequence[int] = 2,
+    ):
+        if patch_size != 1:
+            raise ValueError(
+                f"patch_size must be 1 (FLUX's 2x2 packing is expressed through in_channels = 4 x latent "
+                f"channels), got {patch_size}"
+            )
+        out_channels_packed = out_channels or in_channels
+        if in_channels % 4 or out_channels_packed % 4:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels_packed}) must be 4 x latent channels "
+                f"(FLUX's 2x2 packing)"
+            )
+        factors = normalize_stage_factors(num_stages, stage_factors)
+        total_factor = math.prod(factors)
+        if FLUX_PACKING % total_factor:
+            raise ValueError(
+                f"num_stages={num_stages} with stage_factors={factors} puts stage 0 {total_factor}x below the finest "
+                f"stage, but the finest stage uses FLUX's {FLUX_PACKING}x{FLUX_PACKING} packing, so all stages can "
+                f"only share its token grid if stage 0 is at most {FLUX_PACKING}x coarser: use num_stages=1, or "
+                f"num_stages=2 with stage_factors=2"
+            )
+
+        super().__init__(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            num_single_layers=num_single_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            pooled_projection_dim=pooled_projection_dim,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=axes_dims_rope,
+        )
+        for name in REPLACED_FLUX_MODULES:
+            delattr(self, name)
+
+        self.latent_channels = in_channels // 4
+        self.out_latent_channels = out_channels_packed // 4
+        self.stage_layers = DFMStageLayers(
+            num_stages=num_stages,
+            stage_factors=factors,
+            finest_patch_size=FLUX_PACKING,
+            in_channels=self.latent_channels,
+            out_channels=self.out_latent_channels,
+            embedding_dim=self.inner_dim,
+            first_timestep_stage=1,
+        )
+
+    @apply_lora_scale("joint_attention_kwargs")
+    def forward(
+        self,
+        hidden_states: list[torch.Tensor],
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        num_active_stages: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        txt_ids: torch.Tensor | None = None,
+        joint_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> DFMTransformer2DModelOutput | tuple[list[torch.Tensor]]:
+        """
+        Args:
+            hidden_states: list of S noisy stage latents [B, C, H_s, W_s], coarse to fine, C = in_channels // 4.
+            encoder_hidden_states: text tokens [B, L, joint_attention_dim].
+            pooled_projections: pooled text embedding [B, pooled_projection_dim].
+            timestep: per-stage sigmas [B, S] in [0, 1] (scaled by 1000 inside, as FLUX does).
+            num_active_stages: [B] integers in 1..S; inactive stages' inputs are ignored and their outputs are 0.
+            guidance: [B] guidance scale, required iff the config has guidance_embeds.
+            txt_ids: [L, 3] text position ids (default zeros, as FluxPipeline uses).
+            joint_attention_kwargs: passed to the attention processors (``scale`` sets the LoRA scale).
+        Returns:
+            DFMTransformer2DModelOutput whose ``sample`` is the list of S velocities shaped like the inputs,
+            or ``(sample,)`` if not return_dict. Image position ids are built from the finest stage's token grid
+            exactly as FluxPipeline._prepare_latent_image_ids does.
+        """
+        layers = self.stage_layers
+        grid = layers.check_inputs(hidden_states, timestep, num_active_stages)
+        batch_size, channels = hidden_states[-1].shape[:2]
+        if channels != self.latent_channels:
+            raise ValueError(f"stage tensors need in_channels // 4 = {self.latent_channels} channels, got {channels}")
+        text = encoder_hidden_states
+        if text is None or text.ndim != 3 or text.shape[0] != batch_size:
+            got = None if text is None else tuple(text.shape)
+            raise ValueError(f"encoder_hidden_states must be [B={batch_size}, L, joint_attention_dim], got {got}")
+        if pooled_projections is None or pooled_projections.ndim != 2 or pooled_projections.shape[0] != batch_size:
+            got = None if pooled_projections is None else tuple(pooled_projections.shape)
+            raise ValueError(f"pooled_projections must be [B={batch_size}, pooled_projection_dim], got {got}")
+        if (guidance is None) == self.config.guidance_embeds:
+            raise ValueError(
+                "guidance is required because this model has guidance_embeds"
+                if self.config.guidance_embeds
+                else "this model has no guidance embedding (guidance_embeds=False): pass guidance=None"
+            )
+        device = hidden_states[-1].device
+        text_len = encoder_hidden_states.shape[1]
+        if txt_ids is None:
+            txt_ids = torch.zeros(text_len, 3, device=device)
+        elif tuple(txt_ids.shape) != (text_len, 3):
+            raise ValueError(f"txt_ids must be [L, 3] = [{text_len}, 3], got {tuple(txt_ids.shape)}")
+
+        # Per-stage patch embeddings (stage s with its own patch size), summed; inactive stages contribute nothing.
+        active = stage_activity(num_active_stages, layers.num_stages)
+        hidden_states = layers.embed_stages(hidden_states, active)
+
+        # Stage 0's sigma through FLUX's own embedder (with guidance and pooled text), the other stages' sigmas
+        # through the per-stage embedders, plus the stage-index embedding.
+        sigma_0 = timestep[:, 0].to(hidden_states.dtype) * 1000
+        if guidance is not None:
+            guidance = guidance.to(hidden_states.dtype) * 1000
+        temb = (
+            self.time_text_embed(sigma_0, pooled_projections)
+            if guidance is None
+            else self.time_text_embed(sigma_0, guidance, pooled_projections)
+        )
+        temb = temb + layers.embed_conditioning(timestep, num_active_stages, temb.dtype)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+
+        # Image position ids of the shared token grid (FluxPipeline._prepare_latent_image_ids).
+        img_ids = torch.zeros(grid[0], grid[1], 3, device=device)
+        img_ids[..., 1] = torch.arange(grid[0], device=device)[:, None]
+        img_ids[..., 2] = torch.arange(grid[1], device=device)[None, :]
+        img_ids = img_ids.reshape(grid[0] * grid[1], 3)
+        image_rotary_emb = self.pos_embed(torch.cat((txt_ids.to(img_ids.dtype), img_ids), dim=0))
+
+        for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(
+                    hidden_states=hidden_states,
+                    encoder_hidden_states=encoder_hidden_states,
+                    temb=temb,
+                    image_rotary_emb=image_rotary_emb,
+                    joint_attention_kwargs=joint_attention_kwargs,
+                )
+
+        # One head per stage, each unpatchified with its own patch size; inactive stages come back as zeros.
+        output = layers.unembed_stages(hidden_states, temb, grid, active)
+        if not return_dict:
+            return (output,)
+        return DFMTransformer2DModelOutput(sample=output)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """ModelMixin.from_pretrained, but a checkpoint that lacks any DFM parameter (e.g. a plain FLUX one) is an
+        error instead of a model with parameters left on the meta device or randomly initialised."""
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        missing = list(info.get("missing_keys", []))
+        missing += [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} does not hold every DFMTransformer2DModel parameter (missing e.g. "
+                f"{sorted(set(missing))[:4]}); to start from a FLUX checkpoint use "
+                f"DFMTransformer2DModel.from_flux(path, subfolder=...)"
+            )
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def from_flux(
+        cls,
+        flux: FluxTransformer2DModel | str | os.PathLike,
+        num_stages: int = 2,
+        stage_factors: int | Sequence[int] = 2,
+        torch_dtype: torch.dtype | None = None,
+        subfolder: str | None = None,
+        share_weights: bool = False,
+        **load_kwargs,
+    ) -> "DFMTransformer2DModel":
+        """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
+
+        Args:
+            flux: a FluxTransformer2DModel, or a local path / Hub id loaded with FluxTransformer2DModel.from_pretrained
+                (with ``subfolder``, ``torch_dtype`` and ``load_kwargs``).
+            num_stages, stage_factors: the DFM stages (see the class docstring for the supported combinations).
+            torch_dtype: dtype of the result (default: FLUX's).
+            share_weights: if True, the blocks and embedders use FLUX's very parameter objects (no extra memory;
+                training one trains the other). Default: copies. A FLUX loaded from a path is always shared.
+
+        Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0, whose patch size is
+        p0 = 2 / r for a stage-0 resolution r times below the finest: its patch embedding is FLUX's x_embedder
+        summed over the r x r sub-pixels that nearest upsampling fills with the same value; its head is FLUX's
+        norm_out and FLUX's proj_out averaged over those sub-pixels. So the stage-0 velocity equals
+        avgpool_r(unpack(FLUX(pack(nearest_up_r(x_0))))). Stages >= 1: patch embedding, timestep embedder output
+        layer (its first layer keeps PyTorch's default init, otherwise it could never learn), head and the
+        stage-index embedding are zero, so their velocities are 0 and they do not disturb stage 0.
+        The result is in eval mode, like from_pretrained's.
+        """
+        if isinstance(flux, (str, os.PathLike)):
+            flux = FluxTransformer2DModel.from_pretrained(
+                flux, subfolder=subfolder, torch_dtype=torch_dtype, **load_kwargs
+            )
+            share_weights = True  # nobody else holds this instance
+        elif subfolder is not None or load_kwargs:
+            raise ValueError("subfolder and loading kwargs only apply when flux is a path or Hub id")
+        if not isinstance(flux, FluxTransformer2DModel) or isinstance(flux, DFMTransformer2DModel):
+            raise TypeError(f"flux must be a FluxTransformer2DModel or a path to one, got {type(flux).__name__}")
+
+        source = flux.state_dict(keep_vars=True)
+        reference = source["x_embedder.weight"]
+        if reference.is_meta:
+            raise ValueError("flux's parameters are on the meta device; load its weights first")
+        device = reference.device
+        dtype = torch_dtype or reference.dtype
+        if share_weights and dtype != reference.dtype:
+            raise ValueError(f"share_weights needs the result in flux's dtype {reference.dtype}, got {dtype}")
+
+        # Build on the meta device (no 12B-parameter random init), then give every parameter real storage.
+        with torch.device("meta"):
+            model = cls(
+                **{key: flux.config[key] for key in FLUX_CONFIG_KEYS},
+                num_stages=num_stages,
+                stage_factors=stage_factors,
+            )
+
+        # 1) Everything outside stage_layers is FLUX's own (shared or copied).
+        shared = {}
+        for key in model.state_dict():
+            if key.startswith("stage_layers."):
+                continue
+            if key not in source:
+                raise ValueError(
+                    f"flux has no parameter {key!r}; is it a plain FluxTransformer2DModel (fuse or unload "
+                    f"adapters first)?"
+                )
+            tensor = source[key] if share_weights else source[key].detach().to(dtype, copy=True)
+            shared[key] = tensor
+        missing, unexpected = model.load_state_dict(shared, strict=False, assign=True)
+        assert not unexpected and all(key.startswith("stage_layers.") for key in missing)
+
+        # 2) stage_layers: allocate, default-initialise everything, then set what the conversion defines.
+        layers = model.stage_layers
+        layers.to_empty(device=device)
+        layers.float()
+        for module in layers.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        p0 = layers.patch_sizes[0]
+        r = FLUX_PACKING // p0
+        dim = model.inner_dim
+        c_in, c_out = model.latent_channels, model.out_latent_channels
+        with torch.no_grad():
+            x_w, x_b = source["x_embedder.weight"].float(), source["x_embedder.bias"].float()
+            embed0 = layers.patch_embedders[0]
+            embed0.weight.copy_(x_w.view(dim, c_in, p0, r, p0, r).sum((3, 5)).reshape(dim, c_in * p0 * p0))
+            embed0.bias.copy_(x_b)
+            head0 = layers.heads[0]
+            head0.norm_out.linear.weight.copy_(source["norm_out.linear.weight"].float())
+            head0.norm_out.linear.bias.copy_(source["norm_out.linear.bias"].float())
+            o_w, o_b = source["proj_out.weight"].float(), source["proj_out.bias"].float()
+            head0.proj_out.weight.copy_(o_w.view(c_out, p0, r, p0, r, dim).mean((2, 4)).reshape(-1, dim))
+            head0.proj_out.bias.copy_(o_b.view(c_out, p0, r, p0, r).mean((2, 4)).reshape(-1))
+            zeroed = [layers.stage_embedding]
+            zeroed += [layers.patch_embedders[s] for s in range(1, layers.num_stages)]
+            zeroed += [layers.heads[s] for s in range(1, layers.num_stages)]
+            zeroed += [embedder.timestep_embedder.linear_2 for embedder in layers.timestep_embedders]
+            for module in zeroed:
+                for param in module.parameters():
+                    param.zero_()
+        layers.to(dtype)
+
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_meta:
+                raise RuntimeError(f"internal error: {name} was left on the meta device by from_flux")
+        return model.eval()

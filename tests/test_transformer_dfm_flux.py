@@ -1,0 +1,372 @@
+"""DFMTransformer2DModel: FLUX conversion contract, save/load, dtype, checkpointing, LoRA, input validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_FLUX_TRANSFORMER, make_tiny_flux_transformer
+from diffusers import FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
+
+from dfm_diffusers import DFMTransformer2DModel
+from dfm_diffusers.utils import configure_attention_backends
+
+LATENT_CHANNELS = TINY_FLUX_TRANSFORMER["in_channels"] // 4
+TEXT_DIM = TINY_FLUX_TRANSFORMER["joint_attention_dim"]
+POOLED_DIM = TINY_FLUX_TRANSFORMER["pooled_projection_dim"]
+
+
+def make_inputs(batch=2, height=8, width=8, text_len=5, num_stages=2, num_active=None, seed=0, dtype=torch.float32):
+    """Random DFM inputs for a finest latent of height x width (stage s is 2**(S-1-s) times smaller)."""
+    g = torch.Generator().manual_seed(seed)
+    latents = [
+        torch.randn(batch, LATENT_CHANNELS, height >> (num_stages - 1 - s), width >> (num_stages - 1 - s), generator=g)
+        for s in range(num_stages)
+    ]
+    if num_active is None:
+        num_active = torch.randint(1, num_stages + 1, (batch,), generator=g)
+    return dict(
+        hidden_states=[x.to(dtype) for x in latents],
+        encoder_hidden_states=torch.randn(batch, text_len, TEXT_DIM, generator=g).to(dtype),
+        pooled_projections=torch.randn(batch, POOLED_DIM, generator=g).to(dtype),
+        timestep=torch.rand(batch, num_stages, generator=g),
+        num_active_stages=torch.as_tensor(num_active, dtype=torch.long),
+        guidance=1 + 4 * torch.rand(batch, generator=g),
+    )
+
+
+def flux_reference(flux, x, inputs, sigma, upsample):
+    """avgpool_u(unpack(FLUX(pack(nearest_up_u(x))))) with FluxPipeline's own packing and position ids."""
+    x = F.interpolate(x, scale_factor=upsample, mode="nearest") if upsample > 1 else x
+    b, c, h, w = x.shape
+    packed = FluxPipeline._pack_latents(x, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype)
+    txt_ids = torch.zeros(inputs["encoder_hidden_states"].shape[1], 3)
+    out = flux(
+        hidden_states=packed,
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        pooled_projections=inputs["pooled_projections"],
+        timestep=sigma,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=inputs["guidance"],
+    ).sample
+    out = FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)  # vae_scale_factor 8: height in pixels
+    return F.avg_pool2d(out, upsample) if upsample > 1 else out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("size", [(8, 8), (16, 12)])
+def test_from_flux_stage0_is_pooled_flux_of_upsampled_latent(seed, size):
+    flux = make_tiny_flux_transformer(seed)
+    model = DFMTransformer2DModel.from_flux(flux)
+    for num_active in ([2, 1], [1, 1], [2, 2]):
+        inputs = make_inputs(height=size[0], width=size[1], num_active=num_active, seed=seed + 10)
+        with torch.no_grad():
+            v0, v1 = model(**inputs).sample
+            ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=2)
+        assert v0.shape == inputs["hidden_states"][0].shape and v1.shape == inputs["hidden_states"][1].shape
+        assert (v0 - ref).abs().max().item() <= 1e-5
+        assert ref.abs().max() > 0.1  # the comparison is not between two near-zero tensors
+        assert torch.equal(v1, torch.zeros_like(v1))
+
+
+def test_from_flux_single_stage_reproduces_flux():
+    flux = make_tiny_flux_transformer(3)
+    model = DFMTransformer2DModel.from_flux(flux, num_stages=1)
+    assert model.stage_layers.patch_sizes == [2]
+    inputs = make_inputs(height=16, width=12, num_stages=1, num_active=[1, 1], seed=4)
+    with torch.no_grad():
+        (v,) = model(**inputs).sample
+        ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=1)
+    assert (v - ref).abs().max().item() <= 1e-6
+
+
+def test_from_flux_initialisation_copies_and_sharing(tiny_flux_transformer):
+    flux = tiny_flux_transformer
+    model = DFMTransformer2DModel.from_flux(flux)
+    assert not model.training
+    for name in ("x_embedder", "norm_out", "proj_out"):
+        assert not hasattr(model, name)
+    state = model.state_dict()
+    assert not any(t.is_meta for t in state.values())
+    flux_state = flux.state_dict()
+    for key, value in state.items():
+        if not key.startswith("stage_layers."):
+            assert torch.equal(value, flux_state[key]), key
+            assert value.data_ptr() != flux_state[key].data_ptr(), f"{key} shares memory without share_weights"
+    layers = model.stage_layers
+    zero = [layers.patch_embedders[1], layers.heads[1], layers.stage_embedding]
+    zero.append(layers.timestep_embedders[0].timestep_embedder.linear_2)
+    for module in zero:
+        assert all(torch.equal(p, torch.zeros_like(p)) for p in module.parameters())
+    assert layers.timestep_embedders[0].timestep_embedder.linear_1.weight.abs().sum() > 0
+    assert torch.equal(layers.heads[0].norm_out.linear.weight, flux.norm_out.linear.weight)
+    assert torch.equal(layers.patch_embedders[0].weight, flux.x_embedder.weight.view(-1, LATENT_CHANNELS, 4).sum(-1))
+    assert torch.allclose(layers.heads[0].proj_out.weight, flux.proj_out.weight.view(LATENT_CHANNELS, 4, -1).mean(1))
+    # no dead parameters: every parameter is used in the forward graph
+    inputs = make_inputs(num_active=[2, 1])
+    sum(v.sum() for v in model(**inputs).sample).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, unused
+
+    shared = DFMTransformer2DModel.from_flux(flux, share_weights=True)
+    flux_params = dict(flux.named_parameters())
+    for name, param in shared.named_parameters():
+        if not name.startswith("stage_layers."):
+            assert param is flux_params[name]
+    with pytest.raises(ValueError, match="share_weights"):
+        DFMTransformer2DModel.from_flux(flux, share_weights=True, torch_dtype=torch.bfloat16)
+
+
+def test_gradients_reach_zero_initialised_stage1_modules():
+    model = DFMTransformer2DModel.from_flux(make_tiny_flux_transformer(5)).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs = make_inputs(num_active=[2, 1], seed=6)
+    target = [torch.randn_like(x) for x in inputs["hidden_states"]]
+
+    def step():
+        optimizer.zero_grad()
+        loss = sum(F.mse_loss(v, t) for v, t in zip(model(**inputs).sample, target))
+        loss.backward()
+        optimizer.step()
+
+    layers = model.stage_layers
+    step()
+    first_step = [
+        layers.patch_embedders[1].weight,
+        layers.heads[1].proj_out.weight,
+        layers.timestep_embedders[0].timestep_embedder.linear_2.weight,
+        layers.stage_embedding.weight,
+    ]
+    for param in first_step:
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert layers.stage_embedding.weight.grad.abs().sum(1).gt(0).all()  # both stage-index rows (1 and 2 active)
+    with torch.no_grad():
+        assert model(**inputs).sample[1][0].abs().max() > 0
+    step()
+    dead = [n for n, p in layers.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead, dead
+
+
+def test_save_load_round_trip(tmp_path):
+    model = DFMTransformer2DModel.from_flux(make_tiny_flux_transformer(7), stage_factors=[2])
+    with torch.no_grad():  # make stage 1 non-trivial so the comparison covers it
+        for p in model.stage_layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    loaded = DFMTransformer2DModel.from_pretrained(tmp_path)
+    assert type(loaded) is DFMTransformer2DModel
+    assert loaded.config.num_stages == 2 and list(loaded.config.stage_factors) == [2]
+    for key in TINY_FLUX_TRANSFORMER:
+        assert loaded.config[key] == model.config[key] or list(loaded.config[key]) == list(model.config[key])
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert not b[key].is_meta and b[key].dtype == a[key].dtype
+        assert torch.equal(a[key], b[key]), key
+    inputs = make_inputs(height=16, width=12, num_active=[2, 1], seed=8)
+    with torch.no_grad():
+        for x, y in zip(model(**inputs).sample, loaded(**inputs).sample):
+            assert torch.equal(x, y)
+    loaded_eager = DFMTransformer2DModel.from_pretrained(tmp_path, low_cpu_mem_usage=False)
+    assert all(torch.equal(a[k], v) for k, v in loaded_eager.state_dict().items())
+
+
+def test_pipeline_folder_round_trip(tmp_path, tiny_flux_components):
+    """Saved as a pipeline component, the model is recorded as a dfm_diffusers class and loaded back as such."""
+    model = DFMTransformer2DModel.from_flux(tiny_flux_components["transformer"])
+    FluxPipeline(**{**tiny_flux_components, "transformer": model}).save_pretrained(tmp_path)
+    loaded = FluxPipeline.from_pretrained(tmp_path).transformer
+    assert type(loaded) is DFMTransformer2DModel
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_from_pretrained_refuses_plain_flux_checkpoint(tmp_path, tiny_flux_transformer):
+    tiny_flux_transformer.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="from_flux"):
+        DFMTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_bfloat16(tmp_path, tiny_flux_transformer):
+    DFMTransformer2DModel.from_flux(tiny_flux_transformer).save_pretrained(tmp_path)
+    loaded = DFMTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    converted = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16)
+    flux_bf16 = FluxTransformer2DModel.from_config(tiny_flux_transformer.config)
+    flux_bf16.load_state_dict(tiny_flux_transformer.state_dict())
+    flux_bf16 = flux_bf16.to(torch.bfloat16).eval()
+    inputs = make_inputs(num_active=[2, 2], seed=9, dtype=torch.bfloat16)
+    with torch.no_grad():
+        # bf16 FLUX itself is ~5-10% off its float32 self on this tiny random model; compare bf16 with bf16
+        ref = flux_reference(flux_bf16, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=2)
+        for bf16_model in (loaded, converted):
+            assert {p.dtype for p in bf16_model.parameters()} == {torch.bfloat16}
+            out = bf16_model(**inputs).sample
+            assert all(v.dtype == torch.bfloat16 for v in out)
+            assert (out[0].float() - ref.float()).abs().max() < 0.03 * ref.float().abs().max()
+            assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_gradient_checkpointing_gives_same_gradients(tiny_flux_transformer):
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer).train()
+    with torch.no_grad():
+        for p in model.stage_layers.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    inputs = make_inputs(height=16, width=12, num_active=[2, 1], seed=11)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        sum((v**2).mean() for v in model(**inputs).sample).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    calls = []
+    checkpoint_func = model._gradient_checkpointing_func
+    model._gradient_checkpointing_func = lambda block, *args: calls.append(block) or checkpoint_func(block, *args)
+    checkpointed = grads()
+    assert len(calls) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    with torch.no_grad():  # no checkpointing without grad, like FLUX
+        model(**inputs)
+    assert len(calls) == len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6, rtol=1e-5), name
+
+
+def test_lora_adapter_with_fully_trained_stage_layers(tiny_flux_transformer):
+    from peft import LoraConfig
+
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer)
+    inputs = make_inputs(num_active=[2, 1], seed=12)
+    with torch.no_grad():
+        before = model(**inputs).sample
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    model.stage_layers.requires_grad_(True)
+    model.train()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    frozen = [n for n, p in model.named_parameters() if "lora_" not in n and not n.startswith("stage_layers.")]
+    assert frozen and not any(dict(model.named_parameters())[n].requires_grad for n in frozen)
+    out = model(**inputs).sample
+    for x, y in zip(out, before):  # LoRA B starts at zero: the adapter does not change the outputs yet
+        assert torch.allclose(x, y, atol=1e-6)
+    sum((v**2).mean() for v in out).backward()
+    params = dict(model.named_parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.items() if "lora_B" in n)
+    assert params["stage_layers.patch_embedders.1.weight"].grad.abs().sum() > 0
+    assert params["stage_layers.heads.0.proj_out.weight"].grad.abs().sum() > 0
+    assert all(params[n].grad is None for n in frozen)
+    with torch.no_grad():  # the LoRA scale travels through joint_attention_kwargs
+        for p in lora.values():
+            p.add_(0.1)
+        scaled = model(**inputs, joint_attention_kwargs={"scale": 0.0}).sample
+        unscaled = model(**inputs).sample
+    assert torch.allclose(scaled[0], before[0], atol=1e-5)
+    assert not torch.allclose(unscaled[0], before[0], atol=1e-3)
+
+
+def test_txt_ids_default_is_zeros(tiny_flux_transformer):
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer)
+    inputs = make_inputs(num_active=[2, 1], seed=13)
+    with torch.no_grad():
+        default = model(**inputs).sample[0]
+        explicit = model(**inputs, txt_ids=torch.zeros(5, 3)).sample[0]
+        other = model(**inputs, txt_ids=torch.arange(15.0).view(5, 3)).sample[0]
+        as_tuple = model(**inputs, return_dict=False)[0][0]
+    assert torch.equal(default, explicit) and torch.equal(default, as_tuple)
+    assert not torch.allclose(default, other)
+
+
+BAD_INPUTS = {
+    "one stage tensor": lambda i: i.update(hidden_states=i["hidden_states"][1:]),
+    "three stage tensors": lambda i: i.update(hidden_states=[i["hidden_states"][0]] + i["hidden_states"]),
+    "not a list": lambda i: i.update(hidden_states=i["hidden_states"][1]),
+    "stage 0 wrong size": lambda i: i.update(hidden_states=[i["hidden_states"][1], i["hidden_states"][1]]),
+    "wrong channels": lambda i: i.update(hidden_states=[x[:, :3] for x in i["hidden_states"]]),
+    "odd finest size": lambda i: i.update(hidden_states=[i["hidden_states"][0], i["hidden_states"][1][..., :7]]),
+    "timestep [B]": lambda i: i.update(timestep=i["timestep"][:, 0]),
+    "timestep [B, 3]": lambda i: i.update(timestep=torch.rand(2, 3)),
+    "num_active 0": lambda i: i.update(num_active_stages=torch.tensor([0, 1])),
+    "num_active 3": lambda i: i.update(num_active_stages=torch.tensor([3, 1])),
+    "num_active [B, 1]": lambda i: i.update(num_active_stages=torch.tensor([[1], [2]])),
+    "text batch": lambda i: i.update(encoder_hidden_states=i["encoder_hidden_states"][:1]),
+    "pooled batch": lambda i: i.update(pooled_projections=i["pooled_projections"][:1]),
+    "missing guidance": lambda i: i.update(guidance=None),
+    "txt_ids shape": lambda i: i.update(txt_ids=torch.zeros(1, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_raise_value_error(case, tiny_flux_transformer):
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer)
+    inputs = make_inputs(num_active=[2, 1])
+    BAD_INPUTS[case](inputs)
+    with pytest.raises(ValueError):
+        model(**inputs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(num_stages=3, stage_factors=2),
+        dict(num_stages=2, stage_factors=4),
+        dict(patch_size=2),
+        dict(in_channels=18),
+    ],
+)
+def test_unsupported_configs_raise(kwargs):
+    config = {**TINY_FLUX_TRANSFORMER, **kwargs}
+    with pytest.raises(ValueError):
+        DFMTransformer2DModel(**config)
+
+
+def test_from_flux_from_path(flux_pipeline_dir):
+    flux = FluxTransformer2DModel.from_pretrained(flux_pipeline_dir, subfolder="transformer")
+    torch.manual_seed(0)  # the new stages' first timestep-embedder layer gets PyTorch's (random) default init
+    model = DFMTransformer2DModel.from_flux(flux_pipeline_dir, subfolder="transformer")
+    torch.manual_seed(0)
+    same = DFMTransformer2DModel.from_flux(flux)
+    a, b = model.state_dict(), same.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    bf16 = DFMTransformer2DModel.from_flux(flux_pipeline_dir, subfolder="transformer", torch_dtype=torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="subfolder"):
+        DFMTransformer2DModel.from_flux(flux, subfolder="transformer")
+
+
+def test_configure_attention_backends(monkeypatch):
+    if not torch.cuda.is_available():
+        assert configure_attention_backends() is False
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert configure_attention_backends() is True
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
+
+
+@pytest.mark.gpu
+def test_torch_compile_and_training_on_gpu(tiny_flux_transformer):
+    configure_attention_backends()
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16).cuda()
+    inputs = make_inputs(height=16, width=12, num_active=[2, 1], seed=14, dtype=torch.bfloat16)
+    inputs = {k: v.cuda() if torch.is_tensor(v) else [x.cuda() for x in v] for k, v in inputs.items()}
+    with torch.no_grad():
+        eager = model(**inputs).sample
+    compiled = torch.compile(model, fullgraph=False)
+    with torch.no_grad():
+        out = compiled(**inputs).sample
+    for x, y in zip(out, eager):
+        assert torch.allclose(x.float(), y.float(), atol=3e-2, rtol=3e-2)
+    model.train().enable_gradient_checkpointing()
+    sum(v.float().pow(2).mean() for v in compiled(**inputs).sample).backward()
+    assert model.stage_layers.patch_embedders[1].weight.grad.abs().sum() > 0
+    regional = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16).cuda()
+    regional.compile_repeated_blocks(fullgraph=True)  # diffusers' regional compilation of the FLUX blocks
+    with torch.no_grad():
+        out = regional(**inputs).sample
+    for x, y in zip(out, eager):
+        assert torch.allclose(x.float(), y.float(), atol=3e-2, rtol=3e-2)

@@ -4,10 +4,12 @@ __version__ = "0.1.0"
 
 from .decomposition import LaplacianDecomposition
 from .models import DFMTransformer2DModel
+from .models import DFMDiTTransformer2DModel
 from .schedulers import DFMScheduler
 from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
 
 __all__ = [
+    "DFMDiTTransformer2DModel",
     "LaplacianDecomposition",
     "DFMTransformer2DModel",
     "DFMScheduler",

@@ -1,0 +1,33 @@
+"""Training data: Fashion-MNIST from its IDX files, image folders and Hub data sets, pre-encoded latent shards.
+
+Command line: ``python -m dfm_diffusers.data encode --source ... --vae ... --resolution 256 --output DIR`` encodes
+images into latent shards; ``python -m dfm_diffusers.data info --source ...`` describes a source.
+"""
+
+from .fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_HUB_ID,
+    FashionMNISTNotFoundError,
+    load_fashion_mnist,
+    read_idx,
+)
+from .image_dataset import ImageDataset, build_image_dataset, preprocess_image
+from .latents import LATENT_METADATA_FILE, LatentShardDataset, encode_images, encode_latent_shards, is_latent_dir
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_HUB_ID",
+    "FashionMNISTNotFoundError",
+    "ImageDataset",
+    "LATENT_METADATA_FILE",
+    "LatentShardDataset",
+    "build_image_dataset",
+    "encode_images",
+    "encode_latent_shards",
+    "is_latent_dir",
+    "load_fashion_mnist",
+    "preprocess_image",
+    "read_idx",
+]

@@ -1,0 +1,324 @@
+"""Class-labelled image data sets for DFM-DiT training: Fashion-MNIST, image folders, Hub data sets, latent shards.
+
+Every data set built here yields ``dict(pixel_values=float [C, R, R] in [-1, 1], class_labels=long [])`` (or
+``latents`` instead of ``pixel_values`` for pre-encoded latent shards) and exposes ``num_classes``, ``channels``
+and ``class_names``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_SOURCES = ("fashion_mnist", "fashion-mnist")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "png", "jpg", "jpeg")
+_LABEL_COLUMN_NAMES = ("label", "labels", "class", "class_label", "class_labels", "fine_label", "y")
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+
+
+def to_pil(image) -> Image.Image:
+    """A PIL image from a PIL image, a uint8 array/tensor [H, W] or [H, W, C], or a datasets image dict."""
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):
+        import io
+
+        return Image.open(io.BytesIO(image["bytes"])) if image.get("bytes") else Image.open(image["path"])
+    array = image.numpy() if torch.is_tensor(image) else np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"array images must be uint8 [H, W] or [H, W, C], got {array.dtype} {array.shape}")
+    return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+
+
+def preprocess_image(
+    image,
+    resolution: int,
+    channels: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Resize the shorter side to ``resolution`` (bicubic, antialiased), crop a square (center or random), flip
+    horizontally if asked, and scale to [-1, 1]. -> float32 [channels, resolution, resolution].
+
+    ``channels`` 1 converts to grayscale ("L"), 3 to RGB.
+    """
+    image = to_pil(image)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
+    image = image.convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    if size != (w, h):
+        image = image.resize(size, Image.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
+        top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
+    if (w, h) != (resolution, resolution):
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return pixels.flip(-1) if flip else pixels
+
+
+# ----------------------------------------------------------------------------------------------- the data set
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images + integer class labels with the training transform.
+
+    Args:
+        get_image: index -> image (PIL image, uint8 array, or datasets image dict).
+        labels: [N] integer class labels.
+        num_classes, channels, class_names: what the model is built for.
+        resolution, center_crop, random_flip: see :func:`preprocess_image`; random crops/flips use torch's
+            global RNG (seeded per DataLoader worker).
+    """
+
+    def __init__(
+        self,
+        get_image: Callable[[int], object],
+        labels: Sequence[int] | torch.Tensor,
+        num_classes: int,
+        channels: int,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = True,
+        class_names: Sequence[str] | None = None,
+        description: str = "",
+    ):
+        self._get_image = get_image
+        self.class_labels = torch.as_tensor(labels, dtype=torch.long)
+        self.num_classes = int(num_classes)
+        self.channels = int(channels)
+        self.resolution = int(resolution)
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.class_names = list(class_names) if class_names is not None else None
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self.class_labels)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset({self.description}: {len(self)} images, {self.num_classes} classes, "
+            f"{self.channels}x{self.resolution}x{self.resolution})"
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        try:
+            pixels = preprocess_image(
+                self._get_image(index), self.resolution, self.channels, center_crop=self.center_crop, flip=flip
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not read image {index} of {self.description}: {err}") from err
+        return dict(pixel_values=pixels, class_labels=self.class_labels[index])
+
+
+# --------------------------------------------------------------------------------------------------- sources
+
+
+def _fashion_mnist(split, data_dir, max_samples):
+    images, labels = load_fashion_mnist(data_dir, split)
+    if max_samples is not None:
+        images, labels = images[:max_samples], labels[:max_samples]
+    return (lambda i: images[i].numpy()), labels, len(FASHION_MNIST_CLASSES), list(FASHION_MNIST_CLASSES), 1
+
+
+def _has_image_files(folder: str) -> bool:
+    for _, _, files in os.walk(folder):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def _load_hf_dataset(source: str, split: str, data_dir: str | None, is_image_folder: bool):
+    import datasets
+
+    try:
+        if is_image_folder:
+            ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
+        else:
+            kwargs = {"data_dir": data_dir} if data_dir else {}
+            ds = datasets.load_dataset(source, split=split, **kwargs)
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
+        what = "image folder" if is_image_folder else "dataset (local folder or Hugging Face Hub name)"
+        raise ValueError(
+            f"could not load {what} {source!r}, split {split!r}: {type(err).__name__}: {err}. Sources are "
+            f"'fashion_mnist', a folder of class subfolders of images, a folder of latent shards written by "
+            f"`python -m dfm_diffusers.data encode`, or a datasets.load_dataset name."
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):  # split=None style answers
+        raise ValueError(f"dataset {source!r} has several splits {list(ds)}; pass split=...")
+    return ds
+
+
+def _pick_column(ds, wanted: str | None, feature_type, names: Sequence[str], what: str, required: bool):
+    columns = list(ds.column_names)
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"{what} column {wanted!r} not in the dataset's columns {columns}")
+        return wanted
+    for name, feature in ds.features.items():
+        if isinstance(feature, feature_type):
+            return name
+    for name in names:
+        if name in columns:
+            return name
+    if required:
+        raise ValueError(f"no {what} column found among {columns}; pass {what}_column=...")
+    return None
+
+
+def _hf_labels(ds, label_column):
+    """-> (labels [N] long, num_classes, class_names or None)."""
+    import datasets
+
+    if label_column is None:
+        logger.warning("dataset has no label column: every image gets class 0 (num_classes = 1)")
+        return torch.zeros(len(ds), dtype=torch.long), 1, None
+    feature = ds.features[label_column]
+    values = ds[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return torch.as_tensor(values, dtype=torch.long), feature.num_classes, list(feature.names)
+    if isinstance(feature, datasets.Value) and feature.dtype == "string":
+        names = sorted(set(values))
+        index = {n: i for i, n in enumerate(names)}
+        return torch.as_tensor([index[v] for v in values], dtype=torch.long), len(names), names
+    if isinstance(feature, datasets.Value) and ("int" in feature.dtype or feature.dtype == "bool"):
+        labels = torch.as_tensor(values, dtype=torch.long)
+        if len(labels) and labels.min() < 0:
+            raise ValueError(f"label column {label_column!r} holds negative labels (unlabelled data?)")
+        return labels, int(labels.max()) + 1 if len(labels) else 0, None
+    raise ValueError(f"label column {label_column!r} has type {feature}; expected class labels, ints or strings")
+
+
+def _hf_images(ds, image_column):
+    column = ds.select_columns([image_column])
+
+    def get_image(i):
+        return column[i][image_column]
+
+    return get_image
+
+
+def _infer_channels(get_image, n: int) -> int:
+    """1 if the first images (up to 8) are all grayscale, else 3 (RGB)."""
+    modes = [to_pil(get_image(i)).mode for i in range(min(n, 8))]
+    return 1 if modes and all(m in _GRAYSCALE_MODES for m in modes) else 3
+
+
+def build_image_dataset(
+    source: str | os.PathLike,
+    resolution: int | None,
+    center_crop: bool = True,
+    random_flip: bool = True,
+    split: str = "train",
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_samples: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+    channels: int | None = None,
+):
+    """A training data set from one of four sources.
+
+    Args:
+        source: "fashion_mnist" (the IDX files, see :func:`load_fashion_mnist`); a local folder of class subfolders
+            of images (``datasets.load_dataset("imagefolder", data_dir=source)``); a folder of latent shards written
+            by ``python -m dfm_diffusers.data encode`` (-> :class:`~.latents.LatentShardDataset`); or any other
+            local data set folder / Hugging Face Hub name (``datasets.load_dataset(source, split=split)``).
+        resolution: output size (shorter side resized, then a square crop). For latent shards: the image
+            resolution they were encoded at (checked), or None to accept any.
+        center_crop: center (True) or random (False) square crop.
+        random_flip: random horizontal flips (images only; latent shards are returned as encoded).
+        split: data set split ("train"/"test" for Fashion-MNIST).
+        image_column, label_column: column names (default: the first Image / ClassLabel column, else common
+            names such as "image"/"img" and "label"/"labels"). Without a label column every image is class 0.
+        max_samples: keep only the first ``max_samples`` examples.
+        data_dir: for "fashion_mnist", the folder of IDX files; for a Hub data set, load_dataset's data_dir.
+        channels: 1 (grayscale) or 3 (RGB); default 1 for Fashion-MNIST and for data sets whose first images are
+            all grayscale, else 3.
+
+    Returns:
+        a torch Dataset with ``num_classes``, ``channels`` and ``class_names``; items are
+        ``dict(pixel_values=[C, R, R] float in [-1, 1], class_labels=long)`` or, for latent shards,
+        ``dict(latents=[C, h, w] float, class_labels=long)``.
+
+    Raises:
+        ValueError: the source cannot be read, is empty, or lacks the columns asked for.
+        FashionMNISTNotFoundError: "fashion_mnist" without its files (the message says how to get them).
+    """
+    from .latents import LatentShardDataset, is_latent_dir
+
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    source = os.fspath(source)
+    if is_latent_dir(source):
+        dataset = LatentShardDataset(source, max_samples=max_samples)
+        if resolution is not None and dataset.resolution != resolution:
+            raise ValueError(
+                f"latent shards in {source} were encoded from {dataset.resolution}px images, not {resolution}px"
+            )
+        if random_flip:
+            logger.info("random_flip does not apply to pre-encoded latents; they are returned as encoded")
+        return dataset
+    if resolution is None or resolution < 1:
+        raise ValueError(f"resolution must be a positive int for image sources, got {resolution}")
+
+    if source in FASHION_MNIST_SOURCES:
+        get_image, labels, num_classes, class_names, default_channels = _fashion_mnist(split, data_dir, max_samples)
+        description = f"Fashion-MNIST {split}"
+    else:
+        is_folder = os.path.isdir(source)
+        if is_folder and not os.listdir(source):
+            raise ValueError(f"dataset folder {source} is empty")
+        ds = _load_hf_dataset(source, split, data_dir, is_image_folder=is_folder and _has_image_files(source))
+        if max_samples is not None and max_samples < len(ds):
+            ds = ds.select(range(max_samples))
+        import datasets
+
+        image_col = _pick_column(ds, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image", required=True)
+        label_col = _pick_column(ds, label_column, datasets.ClassLabel, _LABEL_COLUMN_NAMES, "label", required=False)
+        if label_col == image_col:
+            raise ValueError(f"image and label columns are the same column {image_col!r}")
+        labels, num_classes, class_names = _hf_labels(ds, label_col)
+        get_image = _hf_images(ds, image_col)
+        default_channels = None
+        description = f"{source} [{split}]"
+
+    if len(labels) == 0:
+        raise ValueError(f"dataset {source!r} (split {split!r}) has no examples")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (inferred), got {channels}")
+    try:  # fail here, with one clear error, rather than inside a DataLoader worker
+        if channels is None:
+            channels = default_channels or _infer_channels(get_image, len(labels))
+        preprocess_image(get_image(0), resolution, channels)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"dataset {source!r} is unreadable: {err}") from err
+    return ImageDataset(
+        get_image, labels, num_classes, channels, resolution, center_crop, random_flip, class_names, description
+    )

@@ -17,7 +17,7 @@ $(VENV)/.installed: setup.py
 venv: $(VENV)/.installed
 
 quickstart: venv
-	$(PY) -m dfm_diffusers.quickstart --output-dir outputs/quickstart
+	$(PY) -m dfm_diffusers.quickstart
 
 test: venv
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from .decomposition import LaplacianDecomposition
 from .models import DFMTransformer2DModel
 from .models import DFMDiTTransformer2DModel
+from .pipelines import DFMDiTPipeline, DFMPipeline, DFMPipelineOutput
 from .schedulers import DFMScheduler
 from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
 
@@ -13,6 +14,9 @@ __all__ = [
     "LaplacianDecomposition",
     "DFMTransformer2DModel",
     "DFMScheduler",
+    "DFMPipeline",
+    "DFMPipelineOutput",
+    "DFMDiTPipeline",
     "DFMTrainingSigmas",
     "dfm_loss",
     "noise_stages",

@@ -1,13 +1,21 @@
 """`make quickstart`: the embedded default job.
 
-Writes ``pyramid.png`` (a real image from the scikit-image wheel decomposed into a 3-stage Laplacian pyramid,
-with the coarse-to-fine previews) and ``schedule.png`` (the per-stage sigmas of the default 2-stage sampler).
+Trains a small 2-stage DFM-DiT on Fashion-MNIST at 32x32 (16x16 -> 32x32) with train_dfm_dit's code and the
+config examples/configs/quickstart_fashion_mnist.yaml, then writes into the output folder:
+- ``samples.png``: final samples, one row per class;
+- ``previews.png``: the coarse-to-fine strip, per class: stage-0 preview (16x16), then the final 32x32 image;
+- ``loss_curve.png``: total loss and per-stage terms;
+- ``pyramid.png`` / ``schedule.png``: a real image (scikit-image wheel) decomposed into a 3-stage pyramid, and
+  the default 2-stage sampling schedule;
+- ``pipeline/``: the trained DFMDiTPipeline (EMA weights), loadable with from_pretrained.
+About 5 minutes on 2 CPU cores; with a CUDA GPU the same command trains a bigger model for longer.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from importlib.util import find_spec
 
 import numpy as np
@@ -54,12 +62,69 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
     return paths
 
 
+DEFAULT_CONFIG = os.path.join("examples", "configs", "quickstart_fashion_mnist.yaml")
+#: What the same command changes when a CUDA GPU is present: a longer run of a bigger model.
+GPU_OVERRIDES = dict(
+    model="DFM-DiT-S/2", model_kwargs={}, train_batch_size=256, max_train_steps=8000, learning_rate=3e-4,
+    lr_warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", checkpointing_steps=2000, validation_steps=2000,
+    steps_per_stage=[30, 10],
+)
+
+
+def sample_figures(pipeline_dir: str, output_dir: str, per_class: int = 8) -> dict[str, str]:
+    """Load the exported pipeline and write samples.png (rows = classes) and previews.png (coarse-to-fine)."""
+    from .pipelines import DFMDiTPipeline
+
+    pipe = DFMDiTPipeline.from_pretrained(pipeline_dir)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    num_classes = pipe.transformer.config.num_classes
+    labels = [c for c in range(num_classes) for _ in range(per_class)]
+    out = pipe(class_labels=labels, guidance_scale=2.0, generator=torch.Generator().manual_seed(0),
+               output_type="pt", return_previews=True)
+    images, previews = out.images.cpu(), [p.cpu() for p in out.previews]
+    paths = {"samples": os.path.join(output_dir, "samples.png"), "previews": os.path.join(output_dir, "previews.png")}
+    image_grid([images[c * per_class:(c + 1) * per_class] for c in range(num_classes)], size=64, value_range=(0, 1)).save(
+        paths["samples"]
+    )
+    strip = [[p[c * per_class] for p in previews] for c in range(num_classes)]
+    image_grid(strip, size=96, value_range=(0, 1)).save(paths["previews"])
+    return paths
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--output-dir", default="outputs/quickstart")
-    args = parser.parse_args(argv)
-    pyramid_demo(args.output_dir)
+    from .data.fashion_mnist import FashionMNISTNotFoundError
+    from .training.config import load_config
+    from .training.dit import DiTTrainingConfig, train_dit
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="DiTTrainingConfig YAML (default: %(default)s)")
+    parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
+    parser.add_argument("--cpu", action="store_true", help="use the CPU settings even if a GPU is present")
+    args, overrides = parser.parse_known_args(argv)
+    if args.output_dir:
+        overrides += ["--output_dir", args.output_dir]
+    config = load_config(DiTTrainingConfig, args.config, overrides)
+    if torch.cuda.is_available() and not args.cpu:
+        for key, value in GPU_OVERRIDES.items():
+            if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
+                setattr(config, key, value)
+        print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+    os.makedirs(config.output_dir, exist_ok=True)
+    pyramid_demo(config.output_dir)
+    try:
+        result = train_dit(config)
+    except FashionMNISTNotFoundError as e:
+        print(f"\nquickstart stopped: {e}", file=sys.stderr)
+        return 2
+    paths = sample_figures(result["export_dir"], config.output_dir)
+    print(f"trained {result['global_step']} steps, final loss {result['loss']:.4f}")
+    for name in ("samples", "previews"):
+        print(f"{name}: {paths[name]}")
+    print(f"loss curve: {os.path.join(config.output_dir, 'loss_curve.png')}")
+    print(f"pipeline: {result['export_dir']} (DFMDiTPipeline.from_pretrained)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

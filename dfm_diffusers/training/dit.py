@@ -192,7 +192,9 @@ def train_dit(config: DiTTrainingConfig) -> dict:
     """Build data, model and task from ``config`` (all checks before any training) and train."""
     dataset = build_dataset(config)
     vae = load_vae(config, "cpu")
-    if vae is not None and getattr(dataset, "is_latent", False) is False:
+    from ..data.latents import LatentShardDataset
+
+    if vae is not None and not isinstance(dataset, LatentShardDataset):
         raise ValueError(
             "latent-space training reads pre-encoded latents: encode the dataset first with "
             "`python -m dfm_diffusers.data encode --vae ...` and pass the shard folder as --dataset"

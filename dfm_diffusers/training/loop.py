@@ -152,12 +152,13 @@ def run_training(
     Returns a summary dict (final step, last loss, export folder).
     """
     configure_attention_backends()
+    report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
     os.makedirs(config.output_dir, exist_ok=True)
     checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
-        log_with=config.report_to or None,
+        log_with=report_to,
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
@@ -199,7 +200,7 @@ def run_training(
     if config.torch_compile:
         model = torch.compile(model)
 
-    if accelerator.is_main_process and config.report_to:
+    if accelerator.is_main_process and report_to:
         accelerator.init_trackers(config.tracker_project_name, config=hparams or {})
 
     log = TrainingLog(os.path.join(config.output_dir, "training_log.jsonl"), accelerator.is_main_process)
@@ -211,8 +212,8 @@ def run_training(
     if resume_path:
         accelerator.load_state(resume_path)
         global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
-        log.truncate_after(global_step)
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
+    log.truncate_after(global_step)  # a fresh run starts a fresh log; a resumed one drops rows past the checkpoint
 
     def save_checkpoint(step: int):
         accelerator.wait_for_everyone()
@@ -284,7 +285,7 @@ def run_training(
                 row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
                 tic, window_start_step = time.perf_counter(), global_step
                 log.append(row)
-                if config.report_to:
+                if report_to:
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 save_checkpoint(global_step)

@@ -68,7 +68,10 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
     - ``num_stages`` (default 2): number of DFM stages S;
     - ``stage_factors`` (int or list of S-1 ints, default 2): resolution factor between consecutive stages. The
       finest stage uses FLUX's 2x2 packing, so the coarsest stage can be at most 2x smaller than the finest one:
-      supported are S=1, and S=2 with factor 2.
+      supported are S=1, and S=2 with factor 2;
+    - ``stage_scales``, ``decomposition_antialias``: the LaplacianDecomposition the model works with (per-stage
+      standardization, off by default for images; antialiased downsampling). Stored for the pipelines, unused
+      by forward.
     """
 
     _cp_plan = None  # FLUX's context-parallel plan refers to proj_out and packed tokens; not supported here.
@@ -89,6 +92,8 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
         num_stages: int = 2,
         stage_factors: int | Sequence[int] = 2,
+        stage_scales: Sequence[float] | None = None,
+        decomposition_antialias: bool = False,
     ):
         if patch_size != 1:
             raise ValueError(
@@ -261,6 +266,8 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         torch_dtype: torch.dtype | None = None,
         subfolder: str | None = None,
         share_weights: bool = False,
+        stage_scales: Sequence[float] | None = None,
+        decomposition_antialias: bool = False,
         **load_kwargs,
     ) -> "DFMTransformer2DModel":
         """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
@@ -307,6 +314,8 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 **{key: flux.config[key] for key in FLUX_CONFIG_KEYS},
                 num_stages=num_stages,
                 stage_factors=stage_factors,
+                stage_scales=stage_scales,
+                decomposition_antialias=decomposition_antialias,
             )
 
         # 1) Everything outside stage_layers is FLUX's own (shared or copied).

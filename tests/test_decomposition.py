@@ -67,9 +67,8 @@ def test_stage_scales_standardize_and_undo():
         LaplacianDecomposition(2, 2, stage_scales=[1.0])
 
 
-def test_works_on_cuda_when_available():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+@pytest.mark.gpu
+def test_works_on_cuda():
     dec = LaplacianDecomposition(2, 2)
     x = torch.randn(1, 4, 16, 16, device="cuda", dtype=torch.bfloat16)
     assert dec.recompose(dec.decompose(x)).device.type == "cuda"

@@ -65,7 +65,7 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
 DEFAULT_CONFIG = os.path.join("examples", "configs", "quickstart_fashion_mnist.yaml")
 #: What the same command changes when a CUDA GPU is present: a longer run of a bigger model.
 GPU_OVERRIDES = dict(
-    model="DFM-DiT-S/2", model_kwargs={}, train_batch_size=256, max_train_steps=8000, learning_rate=3e-4,
+    model="DFM-DiT-S/2", model_kwargs={}, train_batch_size=256, max_train_steps=4000, learning_rate=3e-4,
     lr_warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", checkpointing_steps=2000, validation_steps=2000,
     steps_per_stage=[30, 10],
 )

@@ -350,9 +350,10 @@ def test_configure_attention_backends(monkeypatch):
 
 @pytest.mark.gpu
 def test_torch_compile_and_training_on_gpu(tiny_flux_transformer):
+    # compiled vs eager in float32 (bf16 kernels fused differently by inductor differ by ~1e-2 on their own)
     configure_attention_backends()
-    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16).cuda()
-    inputs = make_inputs(height=16, width=12, num_active=[2, 1], seed=14, dtype=torch.bfloat16)
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.float32).cuda()
+    inputs = make_inputs(height=16, width=12, num_active=[2, 1], seed=14, dtype=torch.float32)
     inputs = {k: v.cuda() if torch.is_tensor(v) else [x.cuda() for x in v] for k, v in inputs.items()}
     with torch.no_grad():
         eager = model(**inputs).sample
@@ -360,13 +361,21 @@ def test_torch_compile_and_training_on_gpu(tiny_flux_transformer):
     with torch.no_grad():
         out = compiled(**inputs).sample
     for x, y in zip(out, eager):
-        assert torch.allclose(x.float(), y.float(), atol=3e-2, rtol=3e-2)
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
     model.train().enable_gradient_checkpointing()
     sum(v.float().pow(2).mean() for v in compiled(**inputs).sample).backward()
     assert model.stage_layers.patch_embedders[1].weight.grad.abs().sum() > 0
-    regional = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16).cuda()
+    regional = DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.float32).cuda()
     regional.compile_repeated_blocks(fullgraph=True)  # diffusers' regional compilation of the FLUX blocks
     with torch.no_grad():
         out = regional(**inputs).sample
     for x, y in zip(out, eager):
-        assert torch.allclose(x.float(), y.float(), atol=3e-2, rtol=3e-2)
+        assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
+    # bf16 weights compile and run too
+    bf16 = torch.compile(DFMTransformer2DModel.from_flux(tiny_flux_transformer, torch_dtype=torch.bfloat16).cuda())
+    bf16_inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point()
+                   else [x.to(torch.bfloat16) for x in v] if isinstance(v, list) else v for k, v in inputs.items()}
+    with torch.no_grad():
+        out = bf16(**bf16_inputs).sample
+    for x, y in zip(out, eager):
+        assert torch.isfinite(x).all() and (x.float() - y).abs().max() < 0.1

@@ -16,7 +16,7 @@ import PIL.Image
 import torch
 from diffusers import FluxPipeline
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from ..decomposition import LaplacianDecomposition
 from ..models.transformer_dfm_flux import DFMTransformer2DModel
@@ -138,7 +138,8 @@ class DFMPipeline(DFMHubMixin, FluxPipeline):
         if output_type == "latent":
             return latents
         latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
-        image = self.vae.decode(latents.to(device=self.vae.device, dtype=self.vae.dtype), return_dict=False)[0]
+        latents = latents.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
+        image = self.vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type)
 
     # --------------------------------------------------------------------------------------- __call__

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 from ..schedulers import DFMScheduler
@@ -43,7 +43,8 @@ class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
         if self.vae is not None:
             shift = self.vae.config.get("shift_factor", None) or 0.0
             latents = latents / self.vae.config.scaling_factor + shift
-            latents = self.vae.decode(latents.to(device=self.vae.device, dtype=self.vae.dtype), return_dict=False)[0]
+            latents = latents.to(device=get_module_execution_device(self.vae), dtype=self.vae.dtype)
+            latents = self.vae.decode(latents, return_dict=False)[0]
         return self.image_processor.postprocess(latents.float().clamp(-1, 1), output_type=output_type)
 
     @torch.no_grad()

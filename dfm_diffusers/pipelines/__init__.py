@@ -1,6 +1,7 @@
 """DFM pipelines: text-to-image (FLUX-based) and class-conditional (DiT-based)."""
 
-from .pipeline_dfm import DFMPipeline, DFMPipelineOutput
+from .pipeline_dfm import DFMPipeline
 from .pipeline_dfm_dit import DFMDiTPipeline
+from .stagewise import DFMPipelineOutput
 
 __all__ = ["DFMPipeline", "DFMPipelineOutput", "DFMDiTPipeline"]

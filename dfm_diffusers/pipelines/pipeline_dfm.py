@@ -8,43 +8,19 @@ Prompt encoding, LoRA loading, offloading and the VAE handling are FluxPipeline'
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-import PIL.Image
 import torch
 from diffusers import FluxPipeline
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-from ..decomposition import LaplacianDecomposition
 from ..models.transformer_dfm_flux import DFMTransformer2DModel
 from ..schedulers import DFMScheduler, calculate_shift
 from .hub import DFMHubMixin
+from .stagewise import DFMStagewiseMixin
 
 
-@dataclass
-class DFMPipelineOutput(BaseOutput):
-    """images: the final images. previews: None, or one entry per stage, entry i the decoded recomposition of
-    stages 0..i at stage i's resolution, taken when stage i finished its phase (the last entry is ``images``)."""
-
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    previews: list | None = None
-
-
-def decomposition_for(transformer) -> LaplacianDecomposition:
-    """The Laplacian decomposition a DFM transformer was built for (from its config)."""
-    config = transformer.config
-    return LaplacianDecomposition(
-        config.num_stages,
-        config.stage_factors,
-        antialias=config.get("decomposition_antialias", False),
-        stage_scales=config.get("stage_scales", None),
-    )
-
-
-class DFMPipeline(DFMHubMixin, FluxPipeline):
+class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     """Text-to-image DFM pipeline with FluxPipeline's components and call signature.
 
     ``num_inference_steps`` is replaced by ``steps_per_stage`` (a list, or an int total split in the
@@ -103,10 +79,6 @@ class DFMPipeline(DFMHubMixin, FluxPipeline):
         return cls(transformer=transformer, scheduler=scheduler, **components)
 
     # -------------------------------------------------------------------------------------- helpers
-    @property
-    def decomposition(self) -> LaplacianDecomposition:
-        return decomposition_for(self.transformer)
-
     def latent_stage_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         """Per-stage latent sizes for an image of height x width pixels; ValueError if they do not fit."""
         total = self.decomposition.total_factor
@@ -257,9 +229,7 @@ class DFMPipeline(DFMHubMixin, FluxPipeline):
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([total_batch], guidance_scale, device=device, dtype=torch.float32)
 
-        decomposition = self.decomposition
         previews: list | None = [] if return_previews else None
-        phase_ends = set(np.cumsum(self.scheduler.steps_per_stage) - 1)
         with self.progress_bar(total=num_steps) as progress_bar:
             for i in range(num_steps):
                 if self.interrupt:
@@ -291,12 +261,7 @@ class DFMPipeline(DFMHubMixin, FluxPipeline):
                     velocity = [n + true_cfg_scale * (v - n) for v, n in zip(velocity, negative)]
 
                 stage = int(self.scheduler.stage_index[i])
-                if previews is not None and i in phase_ends and stage < num_stages - 1:
-                    # clean estimate x0 = x - sigma * v of stages 0..stage, recomposed at stage's resolution
-                    x0 = [latents[s].float() - stage_sigmas[s] * velocity[s].float() for s in range(stage + 1)]
-                    preview = decomposition.preview(x0, upto=stage).to(latents[0].dtype)
-                    previews.append(self.decode_latents(preview, output_type))
-
+                self.add_stage_preview(previews, i, latents, velocity, output_type)
                 latents = self.scheduler.step(velocity, i, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -309,10 +274,4 @@ class DFMPipeline(DFMHubMixin, FluxPipeline):
                 progress_bar.update()
 
         self._current_timestep = None
-        image = self.decode_latents(decomposition.recompose(latents), output_type)
-        if previews is not None:
-            previews.append(image)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,) if previews is None else (image, previews)
-        return DFMPipelineOutput(images=image, previews=previews)
+        return self.finish_output(latents, previews, output_type, return_dict)

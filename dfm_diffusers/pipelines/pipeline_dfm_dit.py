@@ -12,10 +12,10 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 from ..schedulers import DFMScheduler
 from .hub import DFMHubMixin
-from .pipeline_dfm import DFMPipelineOutput, decomposition_for
+from .stagewise import DFMStagewiseMixin
 
 
-class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
+class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
     """Class labels -> images with a DFMDiTTransformer2DModel and a DFMScheduler.
 
     ``vae`` is optional: None means the transformer works in pixel space ([-1, 1]); otherwise any diffusers
@@ -31,10 +31,6 @@ class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    @property
-    def decomposition(self):
-        return decomposition_for(self.transformer)
 
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         """Finest-resolution latent (or pixels) -> images in ``output_type``."""
@@ -101,7 +97,6 @@ class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
         model_labels = torch.cat([labels, null]) if do_cfg else labels
         num_stages = len(latents)
         previews = [] if return_previews else None
-        phase_ends = {sum(self.scheduler.steps_per_stage[: i + 1]) - 1 for i in range(num_stages)}
 
         for i in self.progress_bar(range(self.scheduler.num_inference_steps)):
             stage_sigmas = self.scheduler.sigmas[i]
@@ -122,16 +117,7 @@ class DFMDiTPipeline(DFMHubMixin, DiffusionPipeline):
                     inside = guidance_interval is None or guidance_interval[0] <= sigma <= guidance_interval[1]
                     guided.append(uncond + guidance_scale * (cond - uncond) if inside else cond)
                 velocity = guided
-            stage = int(self.scheduler.stage_index[i])
-            if previews is not None and i in phase_ends and stage < num_stages - 1:
-                x0 = [latents[s].float() - stage_sigmas[s] * velocity[s].float() for s in range(stage + 1)]
-                previews.append(self.decode_latents(decomposition.preview(x0, upto=stage), output_type))
+            self.add_stage_preview(previews, i, latents, velocity, output_type)
             latents = self.scheduler.step(velocity, i, latents, return_dict=False)[0]
 
-        image = self.decode_latents(decomposition.recompose(latents), output_type)
-        if previews is not None:
-            previews.append(image)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,) if previews is None else (image, previews)
-        return DFMPipelineOutput(images=image, previews=previews)
+        return self.finish_output(latents, previews, output_type, return_dict)

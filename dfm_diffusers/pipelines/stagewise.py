@@ -1,0 +1,66 @@
+"""What both DFM pipelines share: the decomposition of their transformer, stage previews, the final output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from ..decomposition import LaplacianDecomposition
+
+
+@dataclass
+class DFMPipelineOutput(BaseOutput):
+    """images: the final images. previews: None, or one entry per stage, entry i the decoded recomposition of
+    stages 0..i at stage i's resolution, taken when stage i finished its phase (the last entry is ``images``)."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    previews: list | None = None
+
+
+def decomposition_for(transformer) -> LaplacianDecomposition:
+    """The Laplacian decomposition a DFM transformer was built for (from its config)."""
+    config = transformer.config
+    return LaplacianDecomposition(
+        config.num_stages,
+        config.stage_factors,
+        antialias=config.get("decomposition_antialias", False),
+        stage_scales=config.get("stage_scales", None),
+    )
+
+
+class DFMStagewiseMixin:
+    """Mixed into pipelines that have ``transformer``, ``scheduler`` (a DFMScheduler after set_timesteps) and a
+    ``decode_latents(latent, output_type)`` method."""
+
+    @property
+    def decomposition(self) -> LaplacianDecomposition:
+        return decomposition_for(self.transformer)
+
+    def add_stage_preview(self, previews, step: int, latents, velocity, output_type: str) -> None:
+        """At the last step of phase i < S-1, append the decoded preview of stages 0..i: the recomposition of
+        their clean estimates x0 = x - sigma * v, at stage i's resolution."""
+        if previews is None:
+            return
+        sched = self.scheduler
+        stage = int(sched.stage_index[step])
+        last_of_phase = step == sched.num_inference_steps - 1 or int(sched.stage_index[step + 1]) != stage
+        if not last_of_phase or stage == len(latents) - 1:
+            return
+        sigmas = sched.sigmas[step]
+        x0 = [latents[s].float() - sigmas[s] * velocity[s].float() for s in range(stage + 1)]
+        preview = self.decomposition.preview(x0, upto=stage).to(latents[0].dtype)
+        previews.append(self.decode_latents(preview, output_type))
+
+    def finish_output(self, latents, previews, output_type: str, return_dict: bool):
+        """Recompose the stages, decode, attach the final image as the last preview, free offload hooks."""
+        image = self.decode_latents(self.decomposition.recompose(latents), output_type)
+        if previews is not None:
+            previews.append(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,) if previews is None else (image, previews)
+        return DFMPipelineOutput(images=image, previews=previews)

@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import torch
 from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401  (pipeline loaders look up ModelMixin here)
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (diffusers' pipeline loader looks it up here)
 from diffusers.utils import BaseOutput, apply_lora_scale
 
 from ..utils import normalize_stage_factors

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, Sequence
 
 import yaml
@@ -12,7 +13,8 @@ def load_config(cls, config_path: str | None = None, overrides: Sequence[str] = 
     """Build dataclass ``cls`` from an optional YAML file, then ``--key value`` / ``--key=value`` overrides.
 
     Values are parsed as YAML (``--stage_weights "[0.8, 0.2]"``, ``--use_ema false``); dashes in keys may be
-    written as underscores or dashes. Unknown keys raise ValueError naming the known ones.
+    written as underscores or dashes. Unknown keys raise ValueError naming the known ones. Float fields also
+    accept YAML's strings for exponent numbers without a dot (``1e-4`` is a string in YAML 1.1).
     """
     values: dict[str, Any] = {}
     if config_path:
@@ -37,7 +39,20 @@ def load_config(cls, config_path: str | None = None, overrides: Sequence[str] = 
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        values[key] = _coerce_float(key, value, hints.get(key))
     return cls(**values)
+
+
+def _coerce_float(key: str, value: Any, hint) -> Any:
+    """``"1e-4"`` -> 1e-4 for float-typed fields (PyYAML reads exponent numbers without a dot as strings)."""
+    if not isinstance(value, str) or not (hint is float or float in typing.get_args(hint)):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
 def config_to_dict(config) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import set_seed
 
 from ..decomposition import LaplacianDecomposition
 from ..schedulers import DFMScheduler
@@ -190,6 +191,10 @@ def write_loss_curve(log_rows: list[dict], path: str, num_stages: int):
 
 def train_dit(config: DiTTrainingConfig) -> dict:
     """Build data, model and task from ``config`` (all checks before any training) and train."""
+    from ..models.transformer_dfm_dit import DIT_PRESETS
+
+    if config.model not in DIT_PRESETS:  # before loading a possibly large data set
+        raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(DIT_PRESETS)}")
     dataset = build_dataset(config)
     vae = load_vae(config, "cpu")
     from ..data.latents import LatentShardDataset
@@ -203,6 +208,9 @@ def train_dit(config: DiTTrainingConfig) -> dict:
     x = sample["latents"] if "latents" in sample else sample["pixel_values"]
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"training images must be square, got {tuple(x.shape)}")
+    # Seed before building: the initial weights come from the global RNG, so without this two runs with the same
+    # seed start from different weights (run_training seeds again, after the model exists, for the training draws).
+    set_seed(config.seed)
     model = build_model(config, in_channels=x.shape[0], sample_size=x.shape[-1], num_classes=dataset.num_classes)
     task = DiTTask(config, model, dataset, vae=vae)
     result = run_training(

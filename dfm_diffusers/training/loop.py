@@ -135,6 +135,29 @@ class TrainingLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[i]`` computed under the CPU torch RNG seeded from (seed, epoch, i); the global state is restored.
+
+    Random augmentations (flips, random crops) then depend only on the sample and the epoch: they neither shift
+    the training draws (noise, sigmas, stages) nor depend on the DataLoader's one-batch prefetch, on the number
+    of workers, or on where a resumed run restarted. Only torch's CPU generator is seeded (not CUDA's).
+    """
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        state = torch.get_rng_state()
+        torch.default_generator.manual_seed(hash((self.seed, self.epoch, int(index))) & 0xFFFF_FFFF_FFFF_FFFF)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+
+
 def run_training(
     config: LoopConfig,
     model: torch.nn.Module,
@@ -180,13 +203,18 @@ def run_training(
     )
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
+    train_data = SeededSamples(dataset, config.seed)
     dataloader = torch.utils.data.DataLoader(
-        dataset,
+        train_data,
         batch_size=config.train_batch_size,
         shuffle=True,
         drop_last=len(dataset) >= config.train_batch_size * accelerator.num_processes,
         num_workers=config.dataloader_num_workers,
         collate_fn=collate_fn,
+        # Its own generator: without one, every new iterator (each epoch, and the skip_first_batches one after a
+        # resume) draws its worker base seed from the global torch RNG, shifting the training draws (noise,
+        # sigmas, stages) of a resumed run away from those of an uninterrupted one.
+        generator=torch.Generator().manual_seed(config.seed),
     )
     model, optimizer, dataloader, lr_scheduler = accelerator.prepare(model, optimizer, dataloader, lr_scheduler)
     ema = None
@@ -256,6 +284,7 @@ def run_training(
     epoch = global_step // steps_per_epoch
     while global_step < config.max_train_steps:
         dataloader.set_epoch(epoch)
+        train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
         skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
         for batch in batches:

@@ -4,6 +4,7 @@ Command line: ``python -m dfm_diffusers.data encode --source ... --vae ... --res
 images into latent shards; ``python -m dfm_diffusers.data info --source ...`` describes a source.
 """
 
+from .captions import CAPTION_COLUMN_NAMES, CaptionedImageDataset, build_captioned_image_dataset
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -16,6 +17,9 @@ from .image_dataset import ImageDataset, build_image_dataset, preprocess_image
 from .latents import LATENT_METADATA_FILE, LatentShardDataset, encode_images, encode_latent_shards, is_latent_dir
 
 __all__ = [
+    "CAPTION_COLUMN_NAMES",
+    "CaptionedImageDataset",
+    "build_captioned_image_dataset",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_HUB_ID",

@@ -17,12 +17,13 @@ from ..schedulers import DFMScheduler
 from ..visualize import image_grid, line_plot
 from .config import flat_hparams
 from .loop import LoopConfig, run_training
-from .objective import dfm_loss, noise_stages, sample_dfm_training_sigmas, validate_training_distribution
+from .objective import DFMObjectiveConfig, dfm_objective
 
 
 @dataclass
-class DiTTrainingConfig(LoopConfig):
-    """All settings of train_dfm_dit.py (YAML keys / --overrides)."""
+class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
+    """All settings of train_dfm_dit.py (YAML keys / --overrides). The DFM training-distribution fields
+    (stage_weights, logit_mean, ..., stage_loss_weights) come from :class:`.objective.DFMObjectiveConfig`."""
 
     output_dir: str = "outputs/dfm-dit"
     # data
@@ -42,16 +43,7 @@ class DiTTrainingConfig(LoopConfig):
     model_kwargs: dict = field(default_factory=dict)
     num_stages: int | None = None
     stage_factors: int | list = 2
-    # DFM training distribution (DESIGN section 3)
-    stage_weights: list | None = None
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    previous_logit_mean: float = 1.5
-    previous_logit_std: float = 1.0
-    sigma_sampling: str = "logit_normal"
-    stage_sampling: str = "per_sample"
-    tied_timesteps: bool = False
-    stage_loss_weights: list | None = None
+    # decomposition (the DFM training distribution's fields are DFMObjectiveConfig's)
     stage_scales: list | None = None
     decomposition_antialias: bool = False
     # sampling during training and for the exported pipeline
@@ -114,10 +106,7 @@ class DiTTask:
             mc.num_stages, mc.stage_factors, antialias=config.decomposition_antialias, stage_scales=config.stage_scales
         )
         self.decomposition.stage_shapes(mc.sample_size, mc.sample_size)
-        validate_training_distribution(
-            mc.num_stages, config.stage_weights, config.logit_std, config.previous_logit_std,
-            config.sigma_sampling, config.stage_sampling,
-        )
+        config.validate_objective(mc.num_stages)
         self.scheduler = DFMScheduler(
             num_stages=mc.num_stages, steps_per_stage=config.steps_per_stage, stage_thresholds=config.stage_thresholds
         )
@@ -128,22 +117,17 @@ class DiTTask:
         self.samples_dir = os.path.join(config.output_dir, "samples")
 
     def loss_fn(self, model, batch):
-        c = self.config
         x = batch["latents"] if "latents" in batch else batch["pixel_values"]
         bands = self.decomposition.decompose(x)
-        draw = sample_dfm_training_sigmas(
-            x.shape[0], self.num_stages, stage_weights=c.stage_weights, logit_mean=c.logit_mean,
-            logit_std=c.logit_std, previous_logit_mean=c.previous_logit_mean,
-            previous_logit_std=c.previous_logit_std, sigma_sampling=c.sigma_sampling,
-            stage_sampling=c.stage_sampling, tied_timesteps=c.tied_timesteps, device=x.device,
-        )
-        inputs, targets = noise_stages(bands, draw.sigmas, draw.loss_mask)
-        pred = model(
-            inputs, timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
-            class_labels=batch["class_labels"], return_dict=False,
-        )[0]
-        loss, per_stage = dfm_loss(pred, targets, draw.loss_mask, c.stage_loss_weights)
-        return loss, {f"loss_stage_{s}": per_stage[s].item() for s in range(self.num_stages)}
+
+        def predict(inputs, draw):
+            return model(
+                inputs, timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
+                class_labels=batch["class_labels"], return_dict=False,
+            )[0]
+
+        out = dfm_objective(self.config, bands, predict)
+        return out.loss, out.logs
 
     def pipeline(self, model):
         from ..pipelines.pipeline_dfm_dit import DFMDiTPipeline
@@ -176,7 +160,7 @@ class DiTTask:
             pipe.push_to_hub(repo)
 
 
-def write_loss_curve(log_rows: list[dict], path: str, num_stages: int):
+def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss (log10)"):
     """loss_curve.png: total loss and per-stage terms over training steps (log scale)."""
     if not log_rows:
         return
@@ -186,7 +170,7 @@ def write_loss_curve(log_rows: list[dict], path: str, num_stages: int):
         key = f"loss_stage_{s}"
         if num_stages > 1 and all(key in r for r in log_rows):
             series[f"stage {s} term"] = [max(r[key], 1e-8) for r in log_rows]
-    line_plot(series, x=steps, title="DFM-DiT training loss (log10)", logy=True).save(path)
+    line_plot(series, x=steps, title=title, logy=True).save(path)
 
 
 def train_dit(config: DiTTrainingConfig) -> dict:

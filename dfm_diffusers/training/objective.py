@@ -191,3 +191,90 @@ def dfm_loss(
         terms.append(weights[s] * (per_sample * loss_mask[:, s].to(per_sample)).mean())
     per_stage = torch.stack(terms)
     return per_stage.sum(), per_stage
+
+
+# ------------------------------------------------------------------------------ shared by the trainers
+
+
+@dataclass
+class DFMObjectiveConfig:
+    """The DFM training-distribution and loss settings (DESIGN section 3), mixed into every trainer's config.
+
+    stage_weights: probabilities of the stage being generated, s* (default [0.9, 0.1] for 2 stages);
+    logit_mean / logit_std: sigma of stage s* is sigmoid(N(logit_mean, logit_std));
+    previous_logit_mean / previous_logit_std: earlier stages' sigma is sigmoid(N(-previous_logit_mean, std))
+    (biased toward data); sigma_sampling "logit_normal" | "uniform"; stage_sampling "per_sample" | "per_batch";
+    tied_timesteps: all stages share one sigma (ablation); stage_loss_weights: w_s of the loss (default 1).
+    """
+
+    stage_weights: list | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    previous_logit_mean: float = 1.5
+    previous_logit_std: float = 1.0
+    sigma_sampling: str = "logit_normal"
+    stage_sampling: str = "per_sample"
+    tied_timesteps: bool = False
+    stage_loss_weights: list | None = None
+
+    def validate_objective(self, num_stages: int) -> list[float]:
+        """ValueError for inconsistent settings; returns the normalized stage weights."""
+        weights = validate_training_distribution(
+            num_stages, self.stage_weights, self.logit_std, self.previous_logit_std,
+            self.sigma_sampling, self.stage_sampling,
+        )
+        if self.stage_loss_weights is not None and len(self.stage_loss_weights) != num_stages:
+            raise ValueError(
+                f"stage_loss_weights must hold num_stages = {num_stages} numbers, got {self.stage_loss_weights}"
+            )
+        return weights
+
+
+@dataclass
+class DFMObjectiveOutput:
+    """What :func:`dfm_objective` computed: the loss, its per-stage terms and every intermediate."""
+
+    loss: torch.Tensor
+    per_stage: torch.Tensor
+    draw: DFMTrainingSigmas
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    prediction: list[torch.Tensor]
+
+    @property
+    def logs(self) -> dict[str, float]:
+        """``loss_stage_<s>`` for every stage (the terms that sum to the loss)."""
+        return {f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))}
+
+
+def dfm_objective(
+    config: DFMObjectiveConfig,
+    stage_latents: Sequence[torch.Tensor],
+    predict,
+    noise: Sequence[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> DFMObjectiveOutput:
+    """One DFM training objective evaluation, shared by every trainer.
+
+    Draws the per-sample sigmas from ``config`` (:func:`sample_dfm_training_sigmas`), noises the clean stage
+    bands and masks the inactive ones (:func:`noise_stages`), calls ``predict(inputs, draw)`` (the task's model
+    call; ``draw.sigmas`` [B, S] and ``draw.num_active_stages`` [B] are its timestep inputs) and returns the
+    masked per-stage velocity loss (:func:`dfm_loss`). With one stage this is plain flow matching.
+
+    Args:
+        stage_latents: S clean bands [B, C, H_s, W_s], coarse to fine (the decomposition's output).
+        predict: ``(inputs: list of S tensors, draw: DFMTrainingSigmas) -> list of S velocities``.
+        noise: optional S noise tensors (default: drawn with ``generator`` / the global RNG).
+    """
+    x = stage_latents[0]
+    draw = sample_dfm_training_sigmas(
+        x.shape[0], len(stage_latents), stage_weights=config.stage_weights, logit_mean=config.logit_mean,
+        logit_std=config.logit_std, previous_logit_mean=config.previous_logit_mean,
+        previous_logit_std=config.previous_logit_std, sigma_sampling=config.sigma_sampling,
+        stage_sampling=config.stage_sampling, tied_timesteps=config.tied_timesteps, generator=generator,
+        device=x.device,
+    )
+    inputs, targets = noise_stages(stage_latents, draw.sigmas, draw.loss_mask, noise=noise, generator=generator)
+    prediction = predict(inputs, draw)
+    loss, per_stage = dfm_loss(prediction, targets, draw.loss_mask, config.stage_loss_weights)
+    return DFMObjectiveOutput(loss, per_stage, draw, inputs, targets, list(prediction))

@@ -1,0 +1,173 @@
+"""Captioned image data sets for text-to-image DFM training (train_dfm_flux.py).
+
+Sources: a local image folder whose captions are in a ``metadata.jsonl`` / ``metadata.csv`` next to the images
+(datasets' "imagefolder" layout: one ``{"file_name": "0001.png", "text": "a cat"}`` per line), a folder written by
+``Dataset.save_to_disk``, any other local data set folder, or a Hugging Face Hub data set name. Every item is
+``dict(pixel_values=float [3, R, R] in [-1, 1], captions=str)``; the default collate turns ``captions`` into a
+list of strings.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from .image_dataset import IMAGE_EXTENSIONS, _has_image_files, _pick_column, preprocess_image
+
+CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence", "txt")
+_IMAGE_COLUMN_NAMES = ("image", "img", "images", "png", "jpg", "jpeg")
+
+
+class CaptionedImageDataset(torch.utils.data.Dataset):
+    """Images with captions, resized/cropped to ``resolution`` (RGB, [-1, 1]).
+
+    A caption cell may hold a list of captions: one is picked at random per access (Python's ``random``,
+    seeded by accelerate's set_seed). Random crops/flips use torch's global RNG.
+    """
+
+    def __init__(self, ds, image_column: str, caption_column: str, resolution: int, center_crop: bool = True,
+                 random_flip: bool = False, description: str = ""):
+        self._ds = ds.select_columns([image_column, caption_column])
+        self.image_column, self.caption_column = image_column, caption_column
+        self.resolution = int(resolution)
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.channels = 3
+        self.description = description
+
+    def __len__(self) -> int:
+        return len(self._ds)
+
+    def __repr__(self) -> str:
+        return f"CaptionedImageDataset({self.description}: {len(self)} images, 3x{self.resolution}x{self.resolution})"
+
+    def caption(self, index: int) -> str:
+        return _as_caption(self._ds[index][self.caption_column], index)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        row = self._ds[index]
+        flip = self.random_flip and bool(torch.rand(()) < 0.5)
+        try:
+            pixels = preprocess_image(
+                row[self.image_column], self.resolution, 3, center_crop=self.center_crop, flip=flip
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(f"could not read image {index} of {self.description}: {err}") from err
+        return dict(pixel_values=pixels, captions=_as_caption(row[self.caption_column], index))
+
+
+def _as_caption(value, index: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        value = random.choice(value) if len(value) else ""
+    if not isinstance(value, str):
+        raise ValueError(f"caption {index} is a {type(value).__name__}, not a string: {value!r}")
+    return value
+
+
+def _load(source: str, split: str, data_dir: str | None):
+    import datasets
+
+    is_folder = os.path.isdir(source)
+    if is_folder and not os.listdir(source):
+        raise ValueError(f"dataset folder {source} is empty")
+    saved = is_folder and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json"))
+    try:
+        if saved:
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"split {split!r} not in the saved splits {list(ds)}")
+                ds = ds[split]
+        elif is_folder and _has_image_files(source):
+            ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
+        else:
+            ds = datasets.load_dataset(source, split=split, **({"data_dir": data_dir} if data_dir else {}))
+    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
+        what = "image folder" if is_folder else "dataset (local folder or Hugging Face Hub name)"
+        raise ValueError(
+            f"could not load {what} {source!r}, split {split!r}: {type(err).__name__}: {err}. Captioned sources are "
+            f"a folder of images with a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per line), a folder "
+            f"written by Dataset.save_to_disk, or a datasets.load_dataset name."
+        ) from err
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"dataset {source!r} has several splits {list(ds)}; pass split=...")
+    return ds
+
+
+def _pick_caption_column(ds, wanted: str | None, image_column: str) -> str:
+    import datasets
+
+    columns = list(ds.column_names)
+    if wanted is not None:
+        if wanted not in columns:
+            raise ValueError(f"caption column {wanted!r} not in the dataset's columns {columns}")
+        return wanted
+    for name in CAPTION_COLUMN_NAMES:
+        if name in columns and name != image_column:
+            return name
+    for name, feature in ds.features.items():
+        if name not in (image_column, "file_name") and isinstance(feature, datasets.Value) and feature.dtype in (
+            "string", "large_string"
+        ):
+            return name
+    raise ValueError(
+        f"no caption column found among the dataset's columns {columns}; pass caption_column=... (an image folder "
+        f"needs a metadata.jsonl next to the images with one {{\"file_name\": \"x.png\", \"text\": \"a caption\"}} "
+        f"line per image)"
+    )
+
+
+def build_captioned_image_dataset(
+    source: str | os.PathLike,
+    resolution: int,
+    caption_column: str | None = None,
+    image_column: str | None = None,
+    split: str = "train",
+    center_crop: bool = True,
+    random_flip: bool = False,
+    max_samples: int | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> CaptionedImageDataset:
+    """A captioned image data set (see the module docstring for the sources).
+
+    Args:
+        resolution: output size (shorter side resized to it, then a square crop, center or random).
+        caption_column, image_column: column names; default: the first of "text", "caption", "prompt", ... (else
+            the first string column), and the first Image column (else "image", "img", ...).
+        max_samples: keep only the first ``max_samples`` examples.
+        data_dir: load_dataset's ``data_dir`` for Hub / local data set sources.
+
+    Raises:
+        ValueError: the source cannot be loaded, is empty, lacks the image or caption column, or its first example
+            cannot be read (checked here, before any training).
+    """
+    import datasets
+
+    if resolution is None or int(resolution) < 1:
+        raise ValueError(f"resolution must be a positive int, got {resolution}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+    source = os.fspath(source)
+    if os.path.isfile(source) and source.lower().endswith(IMAGE_EXTENSIONS):
+        raise ValueError(f"dataset must be a folder or a data set name, got the image file {source}")
+    ds = _load(source, split, os.fspath(data_dir) if data_dir else None)
+    if max_samples is not None and max_samples < len(ds):
+        ds = ds.select(range(max_samples))
+    if len(ds) == 0:
+        raise ValueError(f"dataset {source!r} (split {split!r}) has no examples")
+    image_col = _pick_column(ds, image_column, datasets.Image, _IMAGE_COLUMN_NAMES, "image", required=True)
+    caption_col = _pick_caption_column(ds, caption_column, image_col)
+    if caption_col == image_col:
+        raise ValueError(f"image and caption columns are the same column {image_col!r}")
+    dataset = CaptionedImageDataset(ds, image_col, caption_col, resolution, center_crop, random_flip,
+                                    description=f"{source} [{split}]")
+    try:  # fail here, with one clear error, rather than inside a DataLoader worker
+        dataset[0]
+    except (OSError, ValueError) as err:
+        raise ValueError(f"dataset {source!r} is unreadable: {err}") from err
+    return dataset

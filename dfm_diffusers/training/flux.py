@@ -1,0 +1,524 @@
+"""Text-to-image DFM finetuning of FLUX (paper appendix E), used by train_dfm_flux.py.
+
+Starts from a FluxPipeline (converted with :meth:`DFMPipeline.from_flux_pipeline`: stage 0 reuses FLUX's layers,
+later stages start at zero) or from an existing DFMPipeline folder, and trains the DFMTransformer2DModel on
+captioned images with the shared DFM objective (:func:`.objective.dfm_objective`) inside the shared loop
+(:func:`.loop.run_training`). Per batch: captions -> the pipeline's ``encode_prompt`` (frozen text encoders,
+optional caption dropout to the empty prompt), images -> the frozen VAE (FLUX's ``(z - shift) * scale``),
+latent -> Laplacian stages -> DFM noise -> transformer -> masked per-stage velocity loss.
+``num_stages: 1`` is plain FLUX flow-matching finetuning through the same code.
+
+Two modes:
+- ``lora: true`` (default): peft LoRA on the FLUX blocks (``lora_target_modules``, default the attention
+  projections), the per-stage DFM layers trained fully (``train_stage_layers``; stage 1 starts at zero, so
+  it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32.
+- ``lora: false``: the whole transformer is trained (float32 master weights; text encoders and VAE frozen).
+
+Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): a DFMPipeline folder that loads with
+``DFMPipeline.from_pretrained``. With LoRA the folder's transformer holds the base blocks plus the trained stage
+layers and the LoRA sits next to it in ``pytorch_lora_weights.safetensors``: load it with
+``pipe.load_lora_weights(folder)`` to get the trained model (or set ``fuse_lora_on_export: true`` to write the
+LoRA merged into the transformer instead).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..utils import normalize_stage_factors
+from ..visualize import image_grid
+from .config import flat_hparams
+from .dit import write_loss_curve
+from .loop import LoopConfig, run_training
+from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
+
+logger = logging.getLogger(__name__)
+
+# FLUX's attention projections (image and text streams of the double blocks; the single blocks' to_q/k/v).
+FLUX_ATTENTION_PROJECTIONS = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"
+]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_MIXED_PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+@dataclass
+class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
+    """All settings of train_dfm_flux.py (YAML keys / --overrides). The DFM training-distribution fields
+    (stage_weights, logit_mean, ..., stage_loss_weights) come from :class:`.objective.DFMObjectiveConfig`,
+    the optimisation ones (learning_rate, use_8bit_adam, mixed_precision, gradient_checkpointing, ...) from
+    :class:`.loop.LoopConfig`."""
+
+    output_dir: str = "outputs/dfm-flux"
+    train_batch_size: int = 1
+    learning_rate: float = 1e-4
+    use_ema: bool = False  # an EMA copy of a full FLUX finetune costs another 48 GB (float32)
+    # model
+    pretrained: str | None = None  # FluxPipeline (converted here) or DFMPipeline: local folder or Hub id
+    revision: str | None = None
+    num_stages: int | None = None  # default: 2 when converting FLUX; the folder's own for a DFMPipeline
+    stage_factors: int | list | None = None  # default 2 (conversion) / the folder's own
+    weight_dtype: str = "auto"  # frozen weights: "auto" follows mixed_precision (bf16 -> bfloat16), or a dtype name
+    # data
+    dataset: str | None = None  # image folder with metadata.jsonl captions, saved/local data set, or Hub name
+    data_dir: str | None = None
+    split: str = "train"
+    image_column: str | None = None
+    caption_column: str | None = None
+    resolution: int = 512
+    center_crop: bool = True
+    random_flip: bool = False
+    max_samples: int | None = None
+    caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
+    # text conditioning
+    guidance_scale: float = 1.0  # value fed to FLUX-dev's guidance embedding during training
+    max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev: 512, schnell: 256)
+    # LoRA (lora: false = full finetune)
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # default: lora_rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_target_modules: list = field(default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS))
+    train_stage_layers: bool = True  # with LoRA: train the per-stage DFM layers fully (stage 1 starts at zero)
+    fuse_lora_on_export: bool = False  # export the LoRA merged into the transformer instead of as a separate file
+    # validation samples (and the exported scheduler's defaults)
+    validation_prompts: list | None = None
+    validation_guidance_scale: float = 3.5
+    steps_per_stage: list | None = None
+    stage_thresholds: list | None = None  # sigmas: 0.05 = the paper's tau 0.95 at 1024px
+    # hub
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+
+    def resolved_weight_dtype(self) -> torch.dtype:
+        name = _MIXED_PRECISION_DTYPES.get(self.mixed_precision) if self.weight_dtype == "auto" else self.weight_dtype
+        if name not in DTYPES:
+            raise ValueError(
+                f"weight_dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.weight_dtype!r} "
+                f"(mixed_precision={self.mixed_precision!r})"
+            )
+        return DTYPES[name]
+
+    def validate(self):
+        """ValueError for settings that cannot work (checked before anything is loaded)."""
+        if not self.pretrained:
+            raise ValueError("pretrained is required: a FluxPipeline or DFMPipeline folder or Hub id")
+        if not self.dataset:
+            raise ValueError("dataset is required: an image folder with metadata.jsonl captions or a data set name")
+        if not isinstance(self.resolution, int) or self.resolution < 1:
+            raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
+        dtype = self.resolved_weight_dtype()
+        if dtype != torch.float32 and self.mixed_precision == "no":
+            raise ValueError(
+                f"weight_dtype {self.weight_dtype} needs mixed_precision bf16/fp16: the float32 trainable layers and "
+                f"the {dtype} frozen ones only mix under autocast"
+            )
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.lora:
+            if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+                raise ValueError(f"lora_rank must be a positive int, got {self.lora_rank!r}")
+            if not self.lora_target_modules:
+                raise ValueError("lora_target_modules must name at least one module (e.g. to_q)")
+        if self.max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+def _pipeline_file(pretrained: str, name: str, revision: str | None = None) -> str:
+    """Path of ``name`` inside a local pipeline folder, or downloaded alone from a Hub repo."""
+    if os.path.isdir(pretrained):
+        path = os.path.join(pretrained, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"pretrained folder {pretrained} has no {name}: not a diffusers pipeline folder")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(pretrained, name, revision=revision)
+    except Exception as err:  # RepositoryNotFoundError, EntryNotFoundError, offline errors, ...
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a local folder nor a readable Hub repo with {name}: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _read_json(pretrained: str, name: str, revision: str | None = None) -> dict:
+    with open(_pipeline_file(pretrained, name, revision), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def inspect_pretrained(config: FluxTrainingConfig) -> dict:
+    """Read the pipeline's small config files and check the stage and resolution settings against them.
+
+    Returns dict(kind="flux" | "dfm", num_stages, stage_factors, vae_scale_factor). ValueError for a pipeline
+    that is neither a FluxPipeline nor a DFMPipeline, stage settings the model cannot take, or a resolution
+    the stages cannot split (the same rule as DFMPipeline.latent_stage_shapes).
+    """
+    from ..models.transformer_dfm_flux import FLUX_PACKING
+
+    index = _read_json(config.pretrained, "model_index.json", config.revision)
+    class_name = index.get("_class_name")
+    if class_name == "DFMPipeline":
+        kind = "dfm"
+        tconf = _read_json(config.pretrained, "transformer/config.json", config.revision)
+        num_stages = tconf.get("num_stages", 2)
+        factors = normalize_stage_factors(num_stages, tconf.get("stage_factors", 2))
+        if config.num_stages is not None and config.num_stages != num_stages:
+            raise ValueError(
+                f"{config.pretrained} is a {num_stages}-stage DFMPipeline but num_stages={config.num_stages}; "
+                f"convert the FLUX pipeline again to change the number of stages"
+            )
+        if config.stage_factors is not None and normalize_stage_factors(num_stages, config.stage_factors) != factors:
+            raise ValueError(f"{config.pretrained} has stage_factors {factors}, not {config.stage_factors}")
+    elif class_name == "FluxPipeline":
+        kind = "flux"
+        num_stages = 2 if config.num_stages is None else config.num_stages
+        factors = normalize_stage_factors(num_stages, 2 if config.stage_factors is None else config.stage_factors)
+        if FLUX_PACKING % math.prod(factors):
+            raise ValueError(
+                f"num_stages={num_stages} with stage_factors={factors} is not supported by DFMTransformer2DModel "
+                f"(FLUX's 2x2 packing allows num_stages 1, or 2 with factor 2)"
+            )
+    else:
+        raise ValueError(
+            f"{config.pretrained} holds a {class_name}; expected a FluxPipeline (converted to DFM here) or a "
+            f"DFMPipeline folder"
+        )
+    vae = _read_json(config.pretrained, "vae/config.json", config.revision)
+    vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    total = math.prod(factors)
+    multiple = vae_scale_factor * (2 * total // math.gcd(2, total))
+    if config.resolution % multiple:
+        raise ValueError(
+            f"resolution {config.resolution} must be divisible by {multiple} (VAE factor {vae_scale_factor} x the "
+            f"2x2 packing and stage factors {factors})"
+        )
+    return dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
+
+
+def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
+    """The DFMPipeline to train, in ``weight_dtype``: a FluxPipeline converted (DFMPipeline.from_flux_pipeline), or
+    a DFMPipeline folder loaded; ``steps_per_stage`` / ``stage_thresholds`` set on its scheduler when given."""
+    from diffusers import FluxPipeline
+
+    from ..pipelines.pipeline_dfm import DFMPipeline
+    from ..schedulers import DFMScheduler
+
+    info = info or inspect_pretrained(config)
+    dtype = config.resolved_weight_dtype()
+    factors = info["stage_factors"]  # a list of S - 1 ints
+    factors = factors[0] if len(set(factors)) == 1 else (factors or 2)  # [2] -> 2 as the converter stores it
+    if info["kind"] == "flux":
+        flux = FluxPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, revision=config.revision)
+        pipe = DFMPipeline.from_flux_pipeline(
+            flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
+            stage_thresholds=config.stage_thresholds,
+        )
+        del flux
+    else:
+        kwargs = {"revision": config.revision} if config.revision else {}
+        pipe = DFMPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, **kwargs)
+        if config.steps_per_stage is not None or config.stage_thresholds is not None:
+            overrides = {}
+            if config.steps_per_stage is not None:
+                overrides["steps_per_stage"] = config.steps_per_stage
+            if config.stage_thresholds is not None:
+                overrides["stage_thresholds"] = config.stage_thresholds
+            pipe.scheduler = DFMScheduler.from_config(pipe.scheduler.config, **overrides)
+    pipe.latent_stage_shapes(config.resolution, config.resolution)  # authoritative resolution check
+    return pipe
+
+
+def prepare_trainable(config: FluxTrainingConfig, transformer) -> dict[str, int]:
+    """Freeze / adapt ``transformer`` for the configured mode and cast its trainable parameters to float32.
+
+    LoRA: everything frozen, ``transformer.add_adapter(LoraConfig(...))`` on ``lora_target_modules`` (Gaussian A,
+    zero B: the model starts exactly at the converted one), plus the per-stage layers when train_stage_layers.
+    Full finetune: everything trainable. Returns counts of trainable / total parameters.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    if config.lora:
+        from peft import LoraConfig
+
+        transformer.requires_grad_(False)
+        transformer.add_adapter(
+            LoraConfig(
+                r=config.lora_rank,
+                lora_alpha=config.lora_alpha if config.lora_alpha is not None else config.lora_rank,
+                lora_dropout=config.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(config.lora_target_modules),
+            )
+        )
+        if config.train_stage_layers:
+            transformer.stage_layers.requires_grad_(True)
+        else:
+            logger.warning(
+                "train_stage_layers is false: the per-stage layers stay as converted (stages >= 1 output zero "
+                "after a FLUX conversion)"
+            )
+    else:
+        transformer.requires_grad_(True)
+    cast_training_params(transformer, dtype=torch.float32)
+    trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
+    return dict(trainable=trainable, total=sum(p.numel() for p in transformer.parameters()))
+
+
+# ------------------------------------------------------------------------------------------- the task
+
+
+class FluxTask:
+    """The FLUX-DFM pieces the shared loop calls: loss, validation samples, export.
+
+    ``pipe`` is the DFMPipeline whose frozen parts (text encoders, tokenizers, VAE, scheduler) the task uses;
+    the transformer being trained is passed to every call (possibly wrapped by accelerate).
+    """
+
+    def __init__(self, config: FluxTrainingConfig, pipe):
+        self.config, self.pipe = config, pipe
+        self.transformer = pipe.transformer
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name)
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.num_stages = self.transformer.config.num_stages
+        self.decomposition = pipe.decomposition
+        config.validate_objective(self.num_stages)
+        self.weight_dtype = config.resolved_weight_dtype()
+        self.samples_dir = os.path.join(config.output_dir, "samples")
+
+    # ---------------------------------------------------------------------------------- frozen encoders
+    def _to_device(self, device: torch.device):
+        for name in ("vae", "text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name)
+            if module is not None and module.device != device:
+                module.to(device)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt_embeds [B, L, D], pooled [B, D], text_ids [L, 3]) from the frozen text encoders."""
+        self._to_device(torch.device(device))
+        return self.pipe.encode_prompt(
+            prompt=list(captions), prompt_2=None, device=device, max_sequence_length=self.config.max_sequence_length
+        )
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> FLUX latents (z - shift) * scale, float32 [B, C, H/f, W/f]."""
+        vae = self.pipe.vae
+        self._to_device(pixel_values.device)
+        dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        z = dist.sample() if sample else dist.mode()
+        shift = vae.config.shift_factor or 0.0
+        return ((z.float() - shift) * vae.config.scaling_factor).to(pixel_values.device)
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        p = self.config.caption_dropout
+        if p <= 0:
+            return list(captions)
+        keep = torch.rand(len(captions)) >= p
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    # ---------------------------------------------------------------------------------------- the loss
+    def objective(self, model, batch, noise=None, latents=None) -> DFMObjectiveOutput:
+        """The DFM objective on one batch (``latents`` may be given to skip the VAE; ``noise`` per stage)."""
+        pixels = batch["pixel_values"]
+        device = pixels.device
+        prompt_embeds, pooled, text_ids = self.encode_text(self.drop_captions(batch["captions"]), device)
+        if latents is None:
+            latents = self.encode_images(pixels)
+        bands = self.decomposition.decompose(latents.float())
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), float(self.config.guidance_scale), device=device)
+
+        def predict(inputs, draw):
+            return model(
+                hidden_states=inputs, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                timestep=draw.sigmas, num_active_stages=draw.num_active_stages, guidance=guidance, txt_ids=text_ids,
+                return_dict=False,
+            )[0]
+
+        return dfm_objective(self.config, bands, predict, noise=noise)
+
+    def loss_fn(self, model, batch):
+        out = self.objective(model, batch)
+        return out.loss, out.logs
+
+    # --------------------------------------------------------------------------------- sampling, export
+    def pipeline(self, model):
+        """A DFMPipeline around ``model`` and the task's frozen components."""
+        from ..pipelines.pipeline_dfm import DFMPipeline
+
+        components = {k: v for k, v in self.pipe.components.items() if k != "transformer"}
+        return DFMPipeline(transformer=model, **components)
+
+    def _autocast(self, device: torch.device):
+        if self.weight_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.weight_dtype)
+
+    def generate(self, model, prompts: list[str] | None = None, seed: int = 0):
+        """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time."""
+        prompts = prompts or self.config.validation_prompts or ["a photo"]
+        device = next(model.parameters()).device
+        self._to_device(device)
+        pipe = self.pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        images, previews = [], []
+        for i, prompt in enumerate(prompts):
+            with self._autocast(device):
+                out = pipe(
+                    prompt, height=self.config.resolution, width=self.config.resolution,
+                    guidance_scale=self.config.validation_guidance_scale, output_type="pt", return_previews=True,
+                    generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                    max_sequence_length=self.config.max_sequence_length,
+                )
+            images.append(out.images.float().cpu())
+            previews.append([p.float().cpu() for p in out.previews])
+        per_stage = [torch.cat([p[s] for p in previews]) for s in range(len(previews[0]))]
+        return torch.cat(images), per_stage
+
+    def sample_fn(self, model, step: int):
+        """samples/step_XXXXXXX.png: one column per validation prompt, one row per stage preview (coarse to fine;
+        the last row is the final image)."""
+        os.makedirs(self.samples_dir, exist_ok=True)
+        images, previews = self.generate(model)
+        image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1)).save(
+            os.path.join(self.samples_dir, f"step_{step:07d}.png")
+        )
+
+    def export_transformer(self, model, fuse_lora: bool = False):
+        """A plain DFMTransformer2DModel (no peft layers) in ``weight_dtype`` on the CPU, built from ``model``'s
+        weights: the LoRA is left out, or merged into the base weights with ``fuse_lora``. ``model`` is untouched."""
+        from ..models.transformer_dfm_flux import DFMTransformer2DModel
+
+        state = {}
+        deltas = {}
+        if fuse_lora:
+            from peft.tuners.lora import LoraLayer
+
+            for name, module in model.named_modules():
+                if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                    deltas[f"{name}.weight"] = module.get_delta_weight("default").detach()
+        for key, tensor in model.state_dict().items():
+            if ".lora_" in key or "lora_magnitude" in key:
+                continue
+            key = key.replace(".base_layer.", ".")
+            value = tensor.detach()
+            if key in deltas:
+                value = value.float() + deltas[key].float()
+            state[key] = value.to("cpu", self.weight_dtype, copy=True)
+        with torch.device("meta"):
+            clean = DFMTransformer2DModel.from_config(model.config)
+        clean.load_state_dict(state, strict=True, assign=True)
+        left = [name for name, t in [*clean.named_parameters(), *clean.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"internal error: export left {left[:4]} on the meta device")
+        return clean.eval()
+
+    def model_card(self, repo_id: str, pipe) -> str:
+        card = pipe.model_card(repo_id, base_model=self.config.pretrained)
+        if self.config.lora and not self.config.fuse_lora_on_export:
+            card += (
+                f"\n## LoRA: load it too\n\nThis folder's transformer holds the base weights and the trained DFM stage "
+                f"layers only; the trained LoRA (rank {self.config.lora_rank}) is `{LORA_WEIGHT_NAME}` next to it, "
+                f"and the model is only the trained one with both loaded:\n\n"
+                f"```python\npipe = DFMPipeline.from_pretrained(\"{repo_id}\", torch_dtype=torch.bfloat16)\n"
+                f"pipe.load_lora_weights(\"{repo_id}\")  # optionally pipe.fuse_lora()\n```\n"
+            )
+        return card
+
+    def export_fn(self, model, folder: str):
+        """Write the DFMPipeline folder (and, with LoRA, ``pytorch_lora_weights.safetensors`` in it) + README.md.
+
+        Full finetune: the trained transformer. LoRA: the transformer without the LoRA (base blocks + trained stage
+        layers) and the LoRA file for ``pipe.load_lora_weights(folder)``; with ``fuse_lora_on_export`` the LoRA is
+        merged into the saved transformer and no LoRA file is written. Then pushed when ``push_to_hub``.
+        """
+        from ..pipelines.pipeline_dfm import DFMPipeline
+
+        c = self.config
+        fuse = c.lora and c.fuse_lora_on_export
+        pipe = self.pipeline(self.export_transformer(model, fuse_lora=fuse))
+        pipe.save_pretrained(folder)
+        if c.lora and not fuse:
+            from peft.utils import get_peft_model_state_dict
+
+            DFMPipeline.save_lora_weights(
+                folder,
+                transformer_lora_layers=get_peft_model_state_dict(model),
+                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+                weight_name=LORA_WEIGHT_NAME,
+            )
+        repo_id = os.path.abspath(folder)  # what the README's loading code points at
+        if c.push_to_hub:
+            from huggingface_hub import HfApi
+
+            api = HfApi()
+            name = c.hub_model_id or os.path.basename(os.path.abspath(c.output_dir))
+            repo_id = api.create_repo(name, exist_ok=True).repo_id
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
+            f.write(self.model_card(repo_id, pipe))
+        if c.push_to_hub:
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload DFMPipeline (train_dfm_flux)")
+            logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
+
+
+# ------------------------------------------------------------------------------------------- entry point
+
+
+def build_flux_dataset(config: FluxTrainingConfig):
+    from ..data.captions import build_captioned_image_dataset
+
+    return build_captioned_image_dataset(
+        config.dataset, resolution=config.resolution, caption_column=config.caption_column,
+        image_column=config.image_column, split=config.split, center_crop=config.center_crop,
+        random_flip=config.random_flip, max_samples=config.max_samples, data_dir=config.data_dir,
+    )
+
+
+def build_flux_task(config: FluxTrainingConfig):
+    """Check everything, then build (task, dataset): config -> pipeline files -> data set -> model (loaded, LoRA
+    added). Every ValueError for bad settings or data is raised here, before training."""
+    from accelerate.utils import set_seed
+
+    config.validate()
+    info = inspect_pretrained(config)
+    config.validate_objective(info["num_stages"])
+    dataset = build_flux_dataset(config)
+    pipe = load_dfm_pipeline(config, info)
+    set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
+    counts = prepare_trainable(config, pipe.transformer)
+    logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])
+    return FluxTask(config, pipe), dataset
+
+
+def train_flux(config: FluxTrainingConfig) -> dict:
+    """Build everything (all checks first) and train with the shared loop. Returns run_training's summary plus
+    ``pipeline``: a DFMPipeline around the trained transformer (LoRA attached, last weights, not EMA), and ``task``
+    (the :class:`FluxTask`, e.g. to export again)."""
+    task, dataset = build_flux_task(config)
+    result = run_training(
+        config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
+        hparams=flat_hparams(config),
+    )
+    write_loss_curve(
+        result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
+        title="DFM-FLUX training loss (log10)",
+    )
+    result["pipeline"] = task.pipeline(task.transformer)
+    result["task"] = task
+    return result

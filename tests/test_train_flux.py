@@ -1,0 +1,265 @@
+"""train_dfm_flux.py on tiny offline FLUX components and a tiny captioned image folder (scikit-image's images)."""
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level train_dfm_flux.py
+
+import train_dfm_flux  # noqa: E402
+from dfm_diffusers import DFMPipeline  # noqa: E402
+from dfm_diffusers.training.flux import LORA_WEIGHT_NAME, FluxTrainingConfig, build_flux_task  # noqa: E402
+
+R = 32  # pixels; the tiny VAE has factor 2 -> 16x16 latents (stage 0: 8x8)
+IMAGES = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
+          "camera.png": "a man"}
+SAMPLE = dict(height=R, width=R, output_type="pt", max_sequence_length=16, steps_per_stage=[2, 2])
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def caption_dir(tmp_path_factory):
+    """An image folder with a metadata.jsonl of captions (datasets' imagefolder layout)."""
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data"
+    root = tmp_path_factory.mktemp("captioned")
+    with open(root / "metadata.jsonl", "w") as f:
+        for name, caption in IMAGES.items():
+            shutil.copy(src / name, root / name)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dfm_dir(flux_pipeline_dir, tmp_path_factory):
+    """The tiny FLUX pipeline converted to a 2-stage DFMPipeline folder."""
+    from diffusers import FluxPipeline
+
+    path = tmp_path_factory.mktemp("tiny-dfm")
+    flux = FluxPipeline.from_pretrained(flux_pipeline_dir)
+    DFMPipeline.from_flux_pipeline(flux, steps_per_stage=[2, 2]).save_pretrained(path)
+    return path
+
+
+def args(pretrained, dataset, out, **kw):
+    base = dict(pretrained=pretrained, dataset=dataset, output_dir=out, resolution=R, train_batch_size=2,
+                max_sequence_length=16, report_to="none", checkpointing_steps=0, validation_steps=0,
+                validation_prompts='["a cat"]', steps_per_stage="[2, 2]", lora_rank=4, log_every=1)
+    base.update(kw)
+    return [x for k, v in base.items() for x in (f"--{k}", str(v))]
+
+
+def converted_start(flux_pipeline_dir, num_stages=2):
+    """State dict of the freshly converted transformer (what training starts from)."""
+    from diffusers import FluxPipeline
+
+    pipe = DFMPipeline.from_flux_pipeline(FluxPipeline.from_pretrained(flux_pipeline_dir), num_stages=num_stages)
+    return {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+
+
+def test_lora_run_trains_adapters_and_stage_layers_and_exports(flux_pipeline_dir, caption_dir, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    pushed = {}
+
+    class RepoUrl:
+        repo_id = "someone/tiny-dfm-lora"
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        pushed["created"] = repo_id
+        return RepoUrl()
+
+    def fake_upload_folder(self, repo_id, folder_path, **kwargs):
+        pushed.update(repo=repo_id, files=sorted(os.listdir(folder_path)))
+
+    monkeypatch.setattr(HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", fake_upload_folder)
+    out = tmp_path / "lora"
+    result = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, out, max_train_steps=20, learning_rate=1e-2,
+                                      lora_alpha=8, validation_steps=10, push_to_hub="true",
+                                      hub_model_id="tiny-dfm-lora"))
+    assert result["global_step"] == 20 and len(result["log"]) == 20
+    assert {"loss", "loss_stage_0", "loss_stage_1"} <= set(result["log"][-1])
+    assert (out / "samples" / "step_0000010.png").exists() and (out / "samples" / "step_0000020.png").exists()
+    assert (out / "loss_curve.png").exists()
+
+    # base weights bit-identical to the converted start; LoRA and the stage layers trained
+    pipe = result["pipeline"].to("cpu")  # compare on the CPU wherever it trained
+    trained = pipe.transformer.eval()
+    start = converted_start(flux_pipeline_dir)
+    state = trained.state_dict()
+    lora_keys = [k for k in state if ".lora_B." in k]
+    assert lora_keys and all(state[k].abs().max() > 0 for k in lora_keys)
+    assert all(p.dtype == torch.float32 for p in trained.parameters() if p.requires_grad)
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key.replace(".base_layer.", ".")
+        if name.startswith("stage_layers."):
+            continue
+        assert torch.equal(value, start[name]), name
+    assert not torch.equal(state["stage_layers.heads.1.proj_out.weight"], start["stage_layers.heads.1.proj_out.weight"])
+    assert state["stage_layers.patch_embedders.1.weight"].abs().max() > 0  # stage 1 started at zero
+
+    # the export: a plain DFMPipeline (base + trained stage layers) plus the LoRA file that reproduces the model
+    export = Path(result["export_dir"])
+    assert (export / LORA_WEIGHT_NAME).exists() and "load_lora_weights" in (export / "README.md").read_text()
+    assert pushed["created"] == "tiny-dfm-lora" and pushed["repo"] == "someone/tiny-dfm-lora"
+    assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" in pushed["files"]
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe("a cat", generator=gen(), **SAMPLE).images
+    loaded = DFMPipeline.from_pretrained(export)
+    loaded.set_progress_bar_config(disable=True)
+    assert not hasattr(loaded.transformer, "peft_config")
+    torch.testing.assert_close(loaded.transformer.stage_layers.state_dict(),
+                               {k[len("stage_layers."):]: v for k, v in state.items() if k.startswith("stage_layers.")})
+    without_lora = loaded("a cat", generator=gen(), **SAMPLE).images
+    assert without_lora.shape == (1, 3, R, R) and (without_lora - reference).abs().max() > 1e-4
+    loaded.load_lora_weights(export)
+    torch.testing.assert_close(loaded("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-5)
+
+    # fuse_lora_on_export: one transformer with the LoRA merged in, no LoRA file
+    task = result["task"]
+    task.config.fuse_lora_on_export, task.config.push_to_hub = True, False
+    task.export_fn(trained, str(tmp_path / "fused"))
+    assert not (tmp_path / "fused" / LORA_WEIGHT_NAME).exists()
+    fused = DFMPipeline.from_pretrained(tmp_path / "fused")
+    fused.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(fused("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-4)
+
+
+def test_full_finetune_from_dfm_folder_exports_changed_weights(dfm_dir, caption_dir, tmp_path):
+    out = tmp_path / "full"
+    result = train_dfm_flux.main(args(dfm_dir, caption_dir, out, lora="false", max_train_steps=3, learning_rate=1e-3))
+    assert result["global_step"] == 3 and (out / "samples" / "step_0000003.png").exists()
+    export = Path(result["export_dir"])
+    assert not (export / LORA_WEIGHT_NAME).exists()
+    start = DFMPipeline.from_pretrained(dfm_dir).transformer.state_dict()
+    loaded = DFMPipeline.from_pretrained(export)
+    state = loaded.transformer.state_dict()
+    assert state.keys() == start.keys()
+    for key in ["transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.proj_mlp.weight",
+                "context_embedder.weight", "stage_layers.heads.1.proj_out.weight"]:
+        assert not torch.equal(state[key], start[key]), key
+    torch.testing.assert_close(state, result["pipeline"].to("cpu").transformer.state_dict(), rtol=0, atol=0)
+    assert loaded.scheduler.config.steps_per_stage == [2, 2]
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.isfinite(loaded("a cat", generator=gen(), **SAMPLE).images).all()
+
+
+def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir, tmp_path):
+    """num_stages 1: the task's loss is F.mse_loss(FLUX(x_sigma), eps - x) with diffusers' own FLUX, and trains."""
+    from diffusers import FluxPipeline
+
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                num_stages=1, max_sequence_length=16, guidance_scale=1.0, lora_rank=4,
+                                output_dir=str(tmp_path / "s1"))
+    task, dataset = build_flux_task(config)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    model = task.transformer
+    x = task.encode_images(batch["pixel_values"], sample=False)
+    eps = torch.randn(x.shape, generator=gen(1))
+    torch.manual_seed(0)
+    out = task.objective(model, batch, noise=[eps], latents=x)
+    assert len(out.prediction) == 1 and out.draw.sigmas.shape == (2, 1)
+    torch.testing.assert_close(out.targets[0], eps - x)
+
+    flux = FluxPipeline.from_pretrained(flux_pipeline_dir)
+    sigma = out.draw.sigmas[:, 0]
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x + sigma.view(-1, 1, 1, 1) * eps
+    b, c, h, w = x.shape
+    embeds, pooled, text_ids = flux.encode_prompt(batch["captions"], prompt_2=None, max_sequence_length=16)
+    with torch.no_grad():
+        packed = flux.transformer(
+            hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w), encoder_hidden_states=embeds,
+            pooled_projections=pooled, timestep=sigma, guidance=torch.ones(b), txt_ids=text_ids,
+            img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x.device, x.dtype), return_dict=False,
+        )[0]
+    pred = FluxPipeline._unpack_latents(packed, h * 2, w * 2, 2)
+    torch.testing.assert_close(out.prediction[0].detach(), pred, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.loss.detach(), F.mse_loss(pred, eps - x), rtol=1e-5, atol=1e-6)
+
+    # a few optimizer steps on this fixed batch (same noise and sigma) lower the loss
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        torch.manual_seed(0)
+        loss = task.objective(model, batch, noise=[eps], latents=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+
+    # and the command trains / exports a 1-stage pipeline
+    result = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "s1run", num_stages=1,
+                                      steps_per_stage="[4]", max_train_steps=2))
+    assert result["global_step"] == 2 and "loss_stage_1" not in result["log"][-1]
+    assert DFMPipeline.from_pretrained(result["export_dir"]).transformer.config.num_stages == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(dataset="no/such-dataset"), "could not load"),
+        (dict(dataset="NOCAPTIONS"), "no caption column"),
+        (dict(caption_column="prompt_text"), "caption column 'prompt_text' not in"),
+        (dict(resolution=30), "divisible by 4"),
+        (dict(pretrained="IMAGES"), "model_index.json"),
+        (dict(pretrained="DFM", num_stages=1), "2-stage DFMPipeline"),
+        (dict(num_stages=3), "not supported"),
+        (dict(weight_dtype="bfloat16"), "mixed_precision"),
+        (dict(stage_weights="[1.0]"), "stage_weights"),
+    ],
+)
+def test_bad_inputs_raise_before_training(overrides, match, flux_pipeline_dir, dfm_dir, caption_dir, tmp_path):
+    no_captions = tmp_path / "no-captions"
+    no_captions.mkdir()
+    shutil.copy(caption_dir / "chelsea.png", no_captions / "chelsea.png")
+    names = {"NOCAPTIONS": no_captions, "IMAGES": caption_dir, "DFM": dfm_dir}
+    overrides = {k: names.get(v, v) if isinstance(v, str) else v for k, v in overrides.items()}
+    kw = dict(pretrained=flux_pipeline_dir, dataset=caption_dir, out=tmp_path / "out")
+    kw.update({k: overrides.pop(k) for k in ("pretrained", "dataset") if k in overrides})
+    with pytest.raises(ValueError, match=match):
+        train_dfm_flux.main(args(kw["pretrained"], kw["dataset"], kw["out"], max_train_steps=1, **overrides))
+    assert not (tmp_path / "out" / "training_log.jsonl").exists() and not (tmp_path / "out" / "pipeline").exists()
+
+
+def test_unknown_config_key_is_a_usage_error(flux_pipeline_dir, caption_dir, tmp_path):
+    with pytest.raises(SystemExit):
+        train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path, lora_rnak=4))
+
+
+@pytest.mark.gpu
+def test_bf16_lora_with_8bit_adam_and_checkpointing_on_gpu(flux_pipeline_dir, caption_dir, tmp_path):
+    out = tmp_path / "gpu"
+    result = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, out, max_train_steps=4, learning_rate=1e-2,
+                                      mixed_precision="bf16", use_8bit_adam="true", gradient_checkpointing="true",
+                                      validation_steps=2))
+    trained = result["pipeline"].transformer
+    assert trained.device.type == "cuda"
+    assert trained.transformer_blocks[0].attn.to_q.base_layer.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trained.parameters() if p.requires_grad)
+    assert (out / "samples" / "step_0000004.png").exists()
+    loaded = DFMPipeline.from_pretrained(result["export_dir"], torch_dtype=torch.bfloat16).to("cuda")
+    assert loaded.transformer.dtype == torch.bfloat16
+    loaded.load_lora_weights(result["export_dir"])
+    loaded.set_progress_bar_config(disable=True)
+    images = loaded("a cat", generator=gen(), **SAMPLE).images
+    assert torch.isfinite(images).all()
+    full = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "gpu-full", lora="false",
+                                    max_train_steps=2, mixed_precision="bf16", use_8bit_adam="true"))
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(full["export_dir"], "transformer", "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())  # exported in weight_dtype

@@ -1,0 +1,33 @@
+"""Finetune FLUX into a Decomposable Flow Matching model (LoRA or full), or finetune an existing DFM-FLUX.
+
+    accelerate launch train_dfm_flux.py --config examples/configs/flux_dfm_finetune_lora.yaml [--key value ...]
+
+``pretrained`` is a FluxPipeline (converted to DFM first: stage 0 reuses FLUX's layers, stage 1 starts at zero)
+or a DFMPipeline, as a local folder or Hub id; ``dataset`` an image folder with a metadata.jsonl of captions, a
+saved / local data set or a Hub data set name. ``num_stages: 1`` finetunes plain flow matching with the same code.
+Every setting is a field of dfm_diffusers.training.flux.FluxTrainingConfig; YAML values first, then overrides.
+The trained pipeline is written to <output_dir>/pipeline (with LoRA: plus pytorch_lora_weights.safetensors,
+loaded with pipe.load_lora_weights(folder)).
+"""
+
+import argparse
+
+from dfm_diffusers.training.config import load_config
+from dfm_diffusers.training.flux import FluxTrainingConfig, train_flux
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of FluxTrainingConfig fields")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = load_config(FluxTrainingConfig, args.config, overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    result = train_flux(config)
+    print(f"finished at step {result['global_step']} (loss {result['loss']:.4f}); pipeline: {result['export_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

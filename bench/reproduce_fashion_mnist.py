@@ -104,9 +104,9 @@ def main(argv=None):
     with open(os.path.join(args.out, "reproduction.json"), "w") as f:
         json.dump(result, f, indent=2)
     if "fm" in result and "dfm" in result:
-        gain = 1 - result["dfm"]["fd_to_test"] / result["fm"]["fd_to_test"]
+        change = result["dfm"]["fd_to_test"] / result["fm"]["fd_to_test"] - 1
         print(f"DFM vs FM: FD {result['dfm']['fd_to_test']:.3f} vs {result['fm']['fd_to_test']:.3f} "
-              f"({gain:+.1%} better)")
+              f"(DFM / FM - 1 = {change:+.1%}; negative means DFM is better)")
 
 
 if __name__ == "__main__":

@@ -5,21 +5,14 @@
 Every setting is a field of dfm_diffusers.training.dit.DiTTrainingConfig; YAML values first, then overrides.
 """
 
-import argparse
 import sys
 
-from dfm_diffusers.training.config import load_config
+from dfm_diffusers.training.config import parse_cli
 from dfm_diffusers.training.dit import DiTTrainingConfig, train_dit
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of DiTTrainingConfig fields")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        config = load_config(DiTTrainingConfig, args.config, overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    config = parse_cli(DiTTrainingConfig, argv, __doc__)
     result = train_dit(config)
     print(f"finished at step {result['global_step']} (loss {result['loss']:.4f}); pipeline: {result['export_dir']}")
 

@@ -10,20 +10,13 @@ The trained pipeline is written to <output_dir>/pipeline (with LoRA: plus pytorc
 loaded with pipe.load_lora_weights(folder)).
 """
 
-import argparse
 
-from dfm_diffusers.training.config import load_config
+from dfm_diffusers.training.config import parse_cli
 from dfm_diffusers.training.flux import FluxTrainingConfig, train_flux
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file of FluxTrainingConfig fields")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        config = load_config(FluxTrainingConfig, args.config, overrides)
-    except ValueError as e:
-        parser.error(str(e))
+    config = parse_cli(FluxTrainingConfig, argv, __doc__)
     result = train_flux(config)
     print(f"finished at step {result['global_step']} (loss {result['loss']:.4f}); pipeline: {result['export_dir']}")
     return result

@@ -14,7 +14,7 @@ import random
 
 import torch
 
-from .image_dataset import IMAGE_EXTENSIONS, _has_image_files, _pick_column, preprocess_image
+from .image_dataset import IMAGE_EXTENSIONS, _pick_column, load_hf_dataset, preprocess_image
 
 CAPTION_COLUMN_NAMES = ("text", "caption", "captions", "prompt", "prompts", "description", "sentence", "txt")
 _IMAGE_COLUMN_NAMES = ("image", "img", "images", "png", "jpg", "jpeg")
@@ -69,34 +69,14 @@ def _as_caption(value, index: int) -> str:
     return value
 
 
-def _load(source: str, split: str, data_dir: str | None):
-    import datasets
+CAPTION_SOURCES_HINT = (
+    'Captioned sources are a folder of images with a metadata.jsonl ({"file_name": ..., "text": ...} per line), a '
+    "folder written by Dataset.save_to_disk, or a datasets.load_dataset name."
+)
 
-    is_folder = os.path.isdir(source)
-    if is_folder and not os.listdir(source):
-        raise ValueError(f"dataset folder {source} is empty")
-    saved = is_folder and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json"))
-    try:
-        if saved:
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"split {split!r} not in the saved splits {list(ds)}")
-                ds = ds[split]
-        elif is_folder and _has_image_files(source):
-            ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
-        else:
-            ds = datasets.load_dataset(source, split=split, **({"data_dir": data_dir} if data_dir else {}))
-    except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
-        what = "image folder" if is_folder else "dataset (local folder or Hugging Face Hub name)"
-        raise ValueError(
-            f"could not load {what} {source!r}, split {split!r}: {type(err).__name__}: {err}. Captioned sources are "
-            f"a folder of images with a metadata.jsonl ({{\"file_name\": ..., \"text\": ...}} per line), a folder "
-            f"written by Dataset.save_to_disk, or a datasets.load_dataset name."
-        ) from err
-    if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"dataset {source!r} has several splits {list(ds)}; pass split=...")
-    return ds
+
+def _load(source: str, split: str, data_dir: str | None):
+    return load_hf_dataset(source, split, data_dir, sources_hint=CAPTION_SOURCES_HINT)
 
 
 def _pick_caption_column(ds, wanted: str | None, image_column: str) -> str:

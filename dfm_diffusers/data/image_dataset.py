@@ -155,21 +155,36 @@ def _has_image_files(folder: str) -> bool:
     return False
 
 
-def _load_hf_dataset(source: str, split: str, data_dir: str | None, is_image_folder: bool):
+IMAGE_SOURCES_HINT = (
+    "Sources are 'fashion_mnist', a folder of class subfolders of images, a folder of latent shards written by "
+    "`python -m dfm_diffusers.data encode`, a folder written by Dataset.save_to_disk, or a datasets.load_dataset name."
+)
+
+
+def load_hf_dataset(source: str, split: str, data_dir: str | None, sources_hint: str = IMAGE_SOURCES_HINT):
+    """One split of a `datasets` data set: a save_to_disk folder, an image folder (imagefolder, with its
+    metadata.jsonl if any) or a load_dataset name. Every failure becomes one ValueError ending in ``sources_hint``."""
     import datasets
 
+    is_folder = os.path.isdir(source)
+    if is_folder and not os.listdir(source):
+        raise ValueError(f"dataset folder {source} is empty")
+    saved = is_folder and any(os.path.exists(os.path.join(source, f)) for f in ("state.json", "dataset_dict.json"))
     try:
-        if is_image_folder:
+        if saved:
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"split {split!r} not in the saved splits {list(ds)}")
+                ds = ds[split]
+        elif is_folder and _has_image_files(source):
             ds = datasets.load_dataset("imagefolder", data_dir=source, split=split)
         else:
-            kwargs = {"data_dir": data_dir} if data_dir else {}
-            ds = datasets.load_dataset(source, split=split, **kwargs)
+            ds = datasets.load_dataset(source, split=split, **({"data_dir": data_dir} if data_dir else {}))
     except Exception as err:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ConnectionError)
-        what = "image folder" if is_image_folder else "dataset (local folder or Hugging Face Hub name)"
+        what = "image folder" if is_folder else "dataset (local folder or Hugging Face Hub name)"
         raise ValueError(
-            f"could not load {what} {source!r}, split {split!r}: {type(err).__name__}: {err}. Sources are "
-            f"'fashion_mnist', a folder of class subfolders of images, a folder of latent shards written by "
-            f"`python -m dfm_diffusers.data encode`, or a datasets.load_dataset name."
+            f"could not load {what} {source!r}, split {split!r}: {type(err).__name__}: {err}. {sources_hint}"
         ) from err
     if isinstance(ds, datasets.DatasetDict):  # split=None style answers
         raise ValueError(f"dataset {source!r} has several splits {list(ds)}; pass split=...")
@@ -292,10 +307,7 @@ def build_image_dataset(
         get_image, labels, num_classes, class_names, default_channels = _fashion_mnist(split, data_dir, max_samples)
         description = f"Fashion-MNIST {split}"
     else:
-        is_folder = os.path.isdir(source)
-        if is_folder and not os.listdir(source):
-            raise ValueError(f"dataset folder {source} is empty")
-        ds = _load_hf_dataset(source, split, data_dir, is_image_folder=is_folder and _has_image_files(source))
+        ds = load_hf_dataset(source, split, data_dir)
         if max_samples is not None and max_samples < len(ds):
             ds = ds.select(range(max_samples))
         import datasets

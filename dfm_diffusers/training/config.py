@@ -65,3 +65,17 @@ def flat_hparams(config) -> dict[str, Any]:
     for k, v in config_to_dict(config).items():
         out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
+
+
+def parse_cli(cls, argv=None, description: str | None = None):
+    """The trainers' command line: ``--config <yaml>`` plus ``--key value`` overrides -> a ``cls`` instance.
+    Bad keys or values end in argparse's usage error."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help=f"YAML file of {cls.__name__} fields")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return load_config(cls, args.config, overrides)
+    except ValueError as e:
+        parser.error(str(e))

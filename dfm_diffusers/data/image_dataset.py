@@ -90,8 +90,8 @@ class ImageDataset(torch.utils.data.Dataset):
         get_image: index -> image (PIL image, uint8 array, or datasets image dict).
         labels: [N] integer class labels.
         num_classes, channels, class_names: what the model is built for.
-        resolution, center_crop, random_flip: see :func:`preprocess_image`; random crops/flips use torch's
-            global RNG (seeded per DataLoader worker).
+        resolution, center_crop, random_flip: see :func:`preprocess_image`; random crops/flips draw from torch's
+            CPU RNG; the training loop wraps the data set in SeededSamples, so they depend only on (seed, epoch, i).
     """
 
     def __init__(

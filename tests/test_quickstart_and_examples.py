@@ -56,3 +56,14 @@ def test_generate_dit_example(tmp_path):
 
     assert Image.open(out).size == (2 * 18 + 2, 3 * 18 + 2)  # 2 columns, 3 classes, 16px tiles + 2px pads
     assert Image.open(tmp_path / "grid_previews.png").size == (2 * 18 + 2, 3 * 18 + 2)  # 2 stages
+
+
+def test_resume_alias_and_overrides():
+    config = load_config(DiTTrainingConfig, None, ["--resume", "latest", "--stage_weights", "[0.8, 0.2]",
+                                                   "--max-train-steps=7"])
+    assert config.resume_from_checkpoint == "latest" and config.stage_weights == [0.8, 0.2]
+    assert config.max_train_steps == 7
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown config keys"):
+        load_config(DiTTrainingConfig, None, ["--no_such_key", "1"])

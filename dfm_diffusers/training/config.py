@@ -9,6 +9,10 @@ from typing import Any, Sequence
 import yaml
 
 
+#: Short command-line spellings: ``--resume latest`` is ``--resume_from_checkpoint latest``.
+KEY_ALIASES = {"resume": "resume_from_checkpoint"}
+
+
 def load_config(cls, config_path: str | None = None, overrides: Sequence[str] = ()):
     """Build dataclass ``cls`` from an optional YAML file, then ``--key value`` / ``--key=value`` overrides.
 
@@ -34,7 +38,8 @@ def load_config(cls, config_path: str | None = None, overrides: Sequence[str] = 
                 raise ValueError(f"{arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        values[key.replace("-", "_")] = yaml.safe_load(raw)
+        key = key.replace("-", "_")
+        values[KEY_ALIASES.get(key, key)] = yaml.safe_load(raw)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:

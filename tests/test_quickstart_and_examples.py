@@ -67,3 +67,13 @@ def test_resume_alias_and_overrides():
 
     with pytest.raises(ValueError, match="unknown config keys"):
         load_config(DiTTrainingConfig, None, ["--no_such_key", "1"])
+
+
+def test_unknown_model_kwargs_are_named():
+    import pytest
+
+    from dfm_diffusers.training.dit import build_model
+
+    config = load_config(DiTTrainingConfig, None, ["--model", "DFM-DiT-T/4", "--model_kwargs", "{num_layer: 2}"])
+    with pytest.raises(ValueError, match=r"unknown keys \['num_layer'\]"):
+        build_model(config, in_channels=1, sample_size=32, num_classes=10)

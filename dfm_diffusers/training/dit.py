@@ -83,8 +83,14 @@ def load_vae(config: DiTTrainingConfig, device):
 
 def build_model(config: DiTTrainingConfig, in_channels: int, sample_size: int, num_classes: int):
     """The preset named by ``config.model`` sized for the data; stage settings are checked here."""
+    import inspect
+
     from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 
+    known = set(inspect.signature(DFMDiTTransformer2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(config.model_kwargs) - known)
+    if unknown:
+        raise ValueError(f"model_kwargs has unknown keys {unknown}; DFMDiTTransformer2DModel takes {sorted(known)}")
     overrides = dict(config.model_kwargs)
     overrides.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
     if config.num_stages is not None:

@@ -3,8 +3,8 @@
     python bench/bench_dit.py --out <dir>                       # GPU: 512px as FLUX-VAE latents [B, 16, 64, 64]
     python bench/bench_dit.py --small --device cpu --out <dir>
 
-One training iteration = Laplacian decomposition + DFM sigma sampling + noising + forward + loss + backward +
-AdamW step (bf16 autocast, fp32 weights), exactly the calls DiTTask.loss_fn makes; with num_stages 1 it is
+One training iteration = Laplacian decomposition + dfm_objective (sigma sampling, noising, forward, loss) +
+backward + AdamW step (bf16 autocast, fp32 weights), the same calls as DiTTask.loss_fn; with num_stages 1 it is
 plain flow matching. The batch is the largest of --batches that fits both models. Model FLOPs are counted
 with torch.utils.flop_counter on one iteration; MFU = FLOPs / time / --peak-tflops.
 """
@@ -24,22 +24,21 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dfm_diffusers import DFMDiTTransformer2DModel, LaplacianDecomposition  # noqa: E402
-from dfm_diffusers.training import dfm_loss, noise_stages, sample_dfm_training_sigmas  # noqa: E402
+from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
 
 
 def make_step(model, decomposition, device, autocast_dtype):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    S = model.config.num_stages
+    objective = DFMObjectiveConfig()  # the paper's defaults, as DiTTask uses them
 
     def step(x, labels):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            bands = decomposition.decompose(x)
-            draw = sample_dfm_training_sigmas(x.shape[0], S, device=device)
-            inputs, targets = noise_stages(bands, draw.sigmas, draw.loss_mask)
-            pred = model(inputs, timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
+        def predict(inputs, draw):
+            return model(inputs, timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
                          class_labels=labels, return_dict=False)[0]
-            loss, _ = dfm_loss(pred, targets, draw.loss_mask)
+
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = dfm_objective(objective, decomposition.decompose(x), predict).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -70,7 +69,7 @@ def main(argv=None):
     for name in names:
         torch.manual_seed(0)
         model = DFMDiTTransformer2DModel.from_preset(name, in_channels=channels, sample_size=size).to(device).train()
-        dec = LaplacianDecomposition(model.config.num_stages, model.config.stage_factors)
+        dec = LaplacianDecomposition.from_config(model.config)
         models[name] = (model, dec)
 
     def try_batch(batch):

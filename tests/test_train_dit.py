@@ -356,7 +356,7 @@ def test_one_stage_loss_is_plain_flow_matching():
     with torch.no_grad():  # leave DiT's zero init so that the prediction is not identically 0
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    task = DiTTask(config, model, dataset=None)
+    task = DiTTask(config, model)
     x = torch.rand(64, 1, 32, 32) * 2 - 1
     batch = {"pixel_values": x, "class_labels": torch.randint(0, 10, (64,))}
     seen = {}

@@ -45,6 +45,17 @@ class LaplacianDecomposition:
                 )
         self.stage_scales = stage_scales
 
+    @classmethod
+    def from_config(cls, config) -> "LaplacianDecomposition":
+        """The decomposition a DFM model was built for, from its config (num_stages, stage_factors and the
+        optional stage_scales / decomposition_antialias)."""
+        return cls(
+            config.num_stages,
+            config.stage_factors,
+            antialias=config.get("decomposition_antialias", False),
+            stage_scales=config.get("stage_scales", None),
+        )
+
     def __repr__(self) -> str:
         return (
             f"LaplacianDecomposition(num_stages={self.num_stages}, factors={self.factors}, "

@@ -23,13 +23,7 @@ class DFMPipelineOutput(BaseOutput):
 
 def decomposition_for(transformer) -> LaplacianDecomposition:
     """The Laplacian decomposition a DFM transformer was built for (from its config)."""
-    config = transformer.config
-    return LaplacianDecomposition(
-        config.num_stages,
-        config.stage_factors,
-        antialias=config.get("decomposition_antialias", False),
-        stage_scales=config.get("stage_scales", None),
-    )
+    return LaplacianDecomposition.from_config(transformer.config)
 
 
 class DFMStagewiseMixin:

@@ -60,14 +60,10 @@ def _coerce_float(key: str, value: Any, hint) -> Any:
         raise ValueError(f"{key} must be a number, got {value!r}") from None
 
 
-def config_to_dict(config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def flat_hparams(config) -> dict[str, Any]:
     """Scalars only (lists and None as strings), for TensorBoard's hparams."""
     out = {}
-    for k, v in config_to_dict(config).items():
+    for k, v in dataclasses.asdict(config).items():
         out[k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
 

@@ -104,13 +104,11 @@ def build_model(config: DiTTrainingConfig, in_channels: int, sample_size: int, n
 class DiTTask:
     """The DFM-DiT pieces the shared loop calls: loss, sample grids, export."""
 
-    def __init__(self, config: DiTTrainingConfig, model, dataset, vae=None):
+    def __init__(self, config: DiTTrainingConfig, model, vae=None):
         self.config, self.vae = config, vae
         mc = model.config
         self.num_stages = mc.num_stages
-        self.decomposition = LaplacianDecomposition(
-            mc.num_stages, mc.stage_factors, antialias=config.decomposition_antialias, stage_scales=config.stage_scales
-        )
+        self.decomposition = LaplacianDecomposition.from_config(mc)  # the one the pipeline will use
         self.decomposition.stage_shapes(mc.sample_size, mc.sample_size)
         config.validate_objective(mc.num_stages)
         self.scheduler = DFMScheduler(
@@ -202,7 +200,7 @@ def train_dit(config: DiTTrainingConfig) -> dict:
     # seed start from different weights (run_training seeds again, after the model exists, for the training draws).
     set_seed(config.seed)
     model = build_model(config, in_channels=x.shape[0], sample_size=x.shape[-1], num_classes=dataset.num_classes)
-    task = DiTTask(config, model, dataset, vae=vae)
+    task = DiTTask(config, model, vae=vae)
     result = run_training(
         config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
         hparams=flat_hparams(config),

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -63,7 +63,6 @@ class LoopConfig:
     resume_from_checkpoint: str | None = None
     report_to: str | None = "tensorboard"
     tracker_project_name: str = "dfm"
-    extra: dict = field(default_factory=dict)
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:

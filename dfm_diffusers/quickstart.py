@@ -54,8 +54,9 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
     sched = DFMScheduler(num_stages=2)
     sched.set_timesteps()
     sig = sched.sigmas.numpy()
-    line_plot({f"stage {s} sigma": sig[:, s] for s in range(2)}, title="DFM schedule: 30 + 10 steps, threshold 0.1").save(
-        paths["schedule"]
+    line_plot(
+        {f"stage {s} sigma": sig[:, s] for s in range(2)}, paths["schedule"],
+        title="DFM schedule: 30 + 10 steps, threshold 0.1", xlabel="sampling step", ylabel="sigma",
     )
     print(f"pyramid: {[tuple(b.shape[-2:]) for b in bands]}, round-trip max error {error:.2e} -> {paths['pyramid']}")
     print(f"schedule: {sig.shape[0] - 1} steps -> {paths['schedule']}")

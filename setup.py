@@ -25,6 +25,7 @@ setup(
         "sentencepiece",
         "protobuf",
         "tensorboard",
+        "matplotlib>=3.8,<4",
     ],
     extras_require={"test": ["pytest>=8", "scikit-image"]},
     license="Apache-2.0",

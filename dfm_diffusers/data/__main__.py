@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--vae", default=None, help="measure the latents of this AutoencoderKL (path or Hub id)")
     stats.add_argument("--vae-subfolder", "--vae_subfolder", default=None)
     stats.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    stats.add_argument("--num-workers", "--num_workers", type=int, default=0, help="DataLoader workers")
     stats.add_argument("--json", default=None, help="also write the statistics to this JSON file")
     return parser
 
@@ -147,7 +148,7 @@ def _band_stats(args, build_image_dataset):
         label_column=args.label_column, max_samples=args.max_samples, data_dir=args.data_dir, channels=channels,
     )
     stats = band_statistics(dataset, decomposition, num_samples=args.num_samples, batch_size=args.batch_size,
-                            vae=vae, device=args.device)
+                            vae=vae, device=args.device, num_workers=args.num_workers)
     space = "latents" if vae is not None or is_latent_dir(args.source) else "pixels"
     print(f"{decomposition} on {stats.num_samples} examples of {args.source} ({space}):")
     print(stats.table())

@@ -84,14 +84,15 @@ def _collate(items: list) -> torch.Tensor:
     return torch.stack([_batch_tensor(item) for item in items])
 
 
-def _batches(data, num_samples: int, batch_size: int, seed: int) -> Iterable[torch.Tensor]:
+def _batches(data, num_samples: int, batch_size: int, seed: int, num_workers: int) -> Iterable[torch.Tensor]:
     """Batches of at most ``num_samples`` examples: a seeded random subset of a map-style data set (its own
     generator: the global RNG is not touched), or the first examples of an iterable of batches / examples."""
-    if hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, torch.Tensor):
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
         count = min(num_samples, len(data))
         indices = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count].sort().values
         loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(data, indices.tolist()), batch_size=batch_size, shuffle=False, collate_fn=_collate
+            torch.utils.data.Subset(data, indices.tolist()), batch_size=batch_size, shuffle=False, collate_fn=_collate,
+            num_workers=num_workers,
         )
         yield from loader
         return
@@ -111,14 +112,16 @@ def band_statistics(
     vae: torch.nn.Module | Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     seed: int = 0,
+    num_workers: int = 0,
     progress: bool = True,
 ) -> BandStatistics:
     """Per-stage mean / std / energy share of the unscaled bands of ``data``, streamed in float64.
 
     Args:
-        data: a map-style data set of dicts with "pixel_values" [C, H, W] or "latents" (what the trainers read;
+        data: a map-style torch Dataset of dicts with "pixel_values" [C, H, W] or "latents" (what the trainers read;
             a seeded random subset of ``num_samples`` examples is used), an iterable of batches (tensors
             [B, C, H, W] or dicts; the first ``num_samples`` examples), or a tensor [N, C, H, W].
+        num_workers: DataLoader workers reading a map-style data set.
         decomposition: a LaplacianDecomposition (or any object with ``decompose``); its ``stage_scales``, if set,
             are undone, so the statistics are always those of the unscaled bands.
         vae: None (the data already are the training space: pixels in [-1, 1] or latent shards), a diffusers
@@ -148,7 +151,7 @@ def band_statistics(
     sums = sq_sums = counts = None
     shapes, seen = None, 0
     bar = tqdm(total=num_samples, desc="band statistics", unit="img", disable=not progress)
-    for x in _batches(data, num_samples, batch_size, seed):
+    for x in _batches(data, num_samples, batch_size, seed, num_workers):
         x = x[: num_samples - seen].to(device)
         if encode is not None:
             x = encode(x)
@@ -184,10 +187,10 @@ def band_statistics(
 
 def estimate_stage_scales(
     mode: str, data, decomposition, num_samples: int = 4096, batch_size: int = 256, vae=None, device=None,
-    progress: bool = True,
+    num_workers: int = 0, progress: bool = True,
 ) -> tuple[list[float], BandStatistics]:
     """``stage_scales: auto`` / ``auto_relative``: (the scales, the statistics they came from)."""
     check_stage_scale_mode(mode)
     stats = band_statistics(data, decomposition, num_samples=num_samples, batch_size=batch_size, vae=vae,
-                            device=device, progress=progress)
+                            device=device, num_workers=num_workers, progress=progress)
     return stats.suggested_stage_scales(mode), stats

@@ -193,7 +193,9 @@ def resolve_stage_scales(config, model, dataset, vae=None, device=None) -> dict:
         return {}
     decomposition = LaplacianDecomposition.from_config(model.config)
     scales, stats = estimate_stage_scales(
-        config.stage_scales, dataset, decomposition, num_samples=config.stage_scales_samples, vae=vae, device=device
+        config.stage_scales, dataset, decomposition, num_samples=config.stage_scales_samples, vae=vae, device=device,
+        num_workers=config.dataloader_num_workers,
+        batch_size=256 if vae is None else config.train_batch_size,  # the VAE encodes a training batch at a time
     )
     model.register_to_config(stage_scales=scales)
     print(f"stage_scales {config.stage_scales} from {stats.num_samples} training examples:\n{stats.table()}")

@@ -68,7 +68,8 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     stage_factors: int | list | None = None  # default 2 (conversion) / the folder's own
     # stage_scales: null keeps the pipeline's own (none after a FLUX conversion, as in the paper's FLUX runs), a list
     # of S positive floats sets them, "auto" / "auto_relative" estimates them from stage_scales_samples training
-    # images through the VAE before training (see dfm_diffusers.data.band_stats); stored in the transformer config
+    # images through the VAE (posterior mean, FLUX shift and scale) before training (see dfm_diffusers.data.band_stats);
+    # stored in the transformer config
     stage_scales: list | str | None = None
     stage_scales_samples: int = 4096
     weight_dtype: str = "auto"  # frozen weights: "auto" follows mixed_precision (bf16 -> bfloat16), or a dtype name

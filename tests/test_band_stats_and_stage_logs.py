@@ -76,6 +76,10 @@ def test_band_statistics_match_the_closed_form():
     assert band_statistics(tensor[:50], dec, progress=False).std[0] == pytest.approx(
         expected_stats(data.a[:50], 0.2)[1], rel=1e-5
     )
+    batches = [{"pixel_values": tensor[:30]}, {"pixel_values": tensor[30:60]}, {"pixel_values": tensor[60:]}]
+    first = band_statistics(batches, dec, num_samples=40, progress=False)  # an iterable: its first 40 examples
+    assert first.num_samples == 40
+    assert first.std[0] == pytest.approx(expected_stats(data.a[:40], 0.2)[1], rel=1e-5)
 
 
 def test_band_stats_command(tmp_path, capsys):

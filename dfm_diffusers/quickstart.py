@@ -4,7 +4,7 @@ Trains a small 2-stage DFM-DiT on Fashion-MNIST at 32x32 (16x16 -> 32x32) with t
 config examples/configs/quickstart_fashion_mnist.yaml, then writes into the output folder:
 - ``samples.png``: final samples, one row per class;
 - ``previews.png``: the coarse-to-fine strip, per class: stage-0 preview (16x16), then the final 32x32 image;
-- ``loss_curve.png``: total loss and per-stage terms;
+- ``loss_curve.png``: total loss and each stage's loss where it is trained (matplotlib);
 - ``pyramid.png`` / ``schedule.png``: a real image (scikit-image wheel) decomposed into a 3-stage pyramid, and
   the default 2-stage sampling schedule;
 - ``pipeline/``: the trained DFMDiTPipeline (EMA weights), loadable with from_pretrained.
@@ -54,8 +54,9 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
     sched = DFMScheduler(num_stages=2)
     sched.set_timesteps()
     sig = sched.sigmas.numpy()
-    line_plot({f"stage {s} sigma": sig[:, s] for s in range(2)}, title="DFM schedule: 30 + 10 steps, threshold 0.1").save(
-        paths["schedule"]
+    line_plot(
+        {f"stage {s} sigma": sig[:, s] for s in range(2)}, paths["schedule"],
+        title="DFM schedule: 30 + 10 steps, threshold 0.1", xlabel="sampling step", ylabel="sigma",
     )
     print(f"pyramid: {[tuple(b.shape[-2:]) for b in bands]}, round-trip max error {error:.2e} -> {paths['pyramid']}")
     print(f"schedule: {sig.shape[0] - 1} steps -> {paths['schedule']}")

@@ -379,7 +379,7 @@ def test_one_stage_loss_is_plain_flow_matching():
     expected = F.mse_loss(pred.float(), eps - x)
     assert pred.abs().mean() > 0.01
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
-    assert logs == {"loss_stage_0": pytest.approx(loss.item())}
+    assert logs == {"loss_stage_0": pytest.approx(loss.item()), "mse_stage_0": (pytest.approx(64 * loss.item()), 64)}
 
 
 @needs_fm
@@ -398,6 +398,7 @@ def test_one_stage_model_trains_through_the_script(tmp_path):
     for row in log:
         assert sorted(k for k in row if k.startswith("loss_stage_")) == ["loss_stage_0"]
         assert row["loss"] == pytest.approx(row["loss_stage_0"], rel=1e-6)
+    assert all(r["mse_stage_0"] == pytest.approx(r["loss"], rel=1e-5) for r in log)  # one stage: always active
     assert not (out / "checkpoints").exists()  # checkpointing_steps 0: no checkpoints
     pipe = DFMDiTPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -405,6 +406,32 @@ def test_one_stage_model_trains_through_the_script(tmp_path):
     result = pipe(class_labels=[2, 3], generator=torch.Generator().manual_seed(0), output_type="pt", return_previews=True)
     assert result.images.shape == (2, 1, 32, 32)
     assert len(result.previews) == 1 and torch.equal(result.previews[0], result.images)
+
+
+@needs_fm
+def test_stage_scales_auto_through_the_script(tmp_path, capsys):
+    """``--stage_scales auto``: the scales are estimated from the training images before training, printed,
+    stored in the exported pipeline's transformer config, and the log holds the conditional per-stage losses."""
+    from dfm_diffusers.data import band_statistics, build_image_dataset
+    from dfm_diffusers.decomposition import LaplacianDecomposition
+    from dfm_diffusers.pipelines import DFMDiTPipeline
+
+    out = tmp_path / "auto"
+    _script_module().main([str(a) for a in [
+        "--output_dir", out, *COMMON, "--stage_scales", "auto", "--stage_scales_samples", 128, "--max_samples", 128,
+        "--train_batch_size", 32, "--max_train_steps", 4, "--log_every", 2, "--checkpointing_steps", 0,
+        "--validation_steps", 0,
+    ]])
+    expected = band_statistics(build_image_dataset("fashion_mnist", 32, max_samples=128), LaplacianDecomposition(2, 2),
+                               progress=False).std
+    assert "stage_scales = [" in capsys.readouterr().out
+    pipe = DFMDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.transformer.config.stage_scales == pytest.approx(expected, rel=1e-5)
+    assert pipe.decomposition.stage_scales == pytest.approx(expected, rel=1e-5)
+    log = read_log(out)
+    assert [r["step"] for r in log] == [2, 4]
+    assert all(0 < r["mse_stage_0"] < 10 and "mse_generating_stage_0" in r for r in log)
+    assert (out / "loss_curve.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ bad input

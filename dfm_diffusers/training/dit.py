@@ -44,7 +44,10 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     num_stages: int | None = None
     stage_factors: int | list = 2
     # decomposition (the DFM training distribution's fields are DFMObjectiveConfig's)
-    stage_scales: list | None = None
+    # stage_scales: null (bands as they are), a list of S positive floats, or "auto" / "auto_relative": estimated
+    # from stage_scales_samples training examples before training (see dfm_diffusers.data.band_stats)
+    stage_scales: list | str | None = None
+    stage_scales_samples: int = 4096
     decomposition_antialias: bool = False
     # sampling during training and for the exported pipeline
     steps_per_stage: list | None = None
@@ -96,7 +99,7 @@ def build_model(config: DiTTrainingConfig, in_channels: int, sample_size: int, n
     if config.num_stages is not None:
         overrides["num_stages"] = config.num_stages
     overrides.setdefault("stage_factors", config.stage_factors)
-    overrides.setdefault("stage_scales", config.stage_scales)
+    overrides.setdefault("stage_scales", None if isinstance(config.stage_scales, str) else config.stage_scales)
     overrides.setdefault("decomposition_antialias", config.decomposition_antialias)
     return DFMDiTTransformer2DModel.from_preset(config.model, **overrides)
 
@@ -164,17 +167,43 @@ class DiTTask:
             pipe.push_to_hub(repo)
 
 
-def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss (log10)"):
-    """loss_curve.png: total loss and per-stage terms over training steps (log scale)."""
+def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss"):
+    """loss_curve.png (matplotlib, log y, smoothed): the total loss and, with several stages, each stage's
+    conditional loss ``mse_stage_<s>`` (its velocity MSE over the samples where it is in the loss)."""
     if not log_rows:
         return
-    steps = [r["step"] for r in log_rows]
-    series = {"loss": [r["loss"] for r in log_rows]}
-    for s in range(num_stages):
-        key = f"loss_stage_{s}"
-        if num_stages > 1 and all(key in r for r in log_rows):
-            series[f"stage {s} term"] = [max(r[key], 1e-8) for r in log_rows]
-    line_plot(series, x=steps, title=title, logy=True).save(path)
+    series = {"loss": ([r["step"] for r in log_rows], [r["loss"] for r in log_rows])}
+    for s in range(num_stages if num_stages > 1 else 0):
+        rows = [r for r in log_rows if f"mse_stage_{s}" in r]
+        if rows:
+            series[f"stage {s} (where active)"] = ([r["step"] for r in rows], [r[f"mse_stage_{s}"] for r in rows])
+    line_plot(
+        series, path, title=title, xlabel="step", ylabel="velocity MSE", logy=True,
+        smoothing=max(0.0, min(0.95, 1 - 20 / len(log_rows))),
+    )
+
+
+def resolve_stage_scales(config, model, dataset, vae=None, device=None) -> dict:
+    """``stage_scales: auto`` / ``auto_relative``: estimate the scales from ``dataset`` (the training data, same
+    transform) with the model's decomposition, store them in the model's config (so the exported pipeline and the
+    previews use them) and print them. Returns hparams to log (empty when the scales are not estimated)."""
+    from ..data.band_stats import estimate_stage_scales
+
+    if not isinstance(config.stage_scales, str):
+        return {}
+    decomposition = LaplacianDecomposition.from_config(model.config)
+    scales, stats = estimate_stage_scales(
+        config.stage_scales, dataset, decomposition, num_samples=config.stage_scales_samples, vae=vae, device=device,
+        num_workers=config.dataloader_num_workers,
+        batch_size=256 if vae is None else config.train_batch_size,  # the VAE encodes a training batch at a time
+    )
+    model.register_to_config(stage_scales=scales)
+    print(f"stage_scales {config.stage_scales} from {stats.num_samples} training examples:\n{stats.table()}")
+    print(f"stage_scales = {[round(v, 6) for v in scales]}")
+    hparams = {"stage_scales": str([round(v, 6) for v in scales])}
+    hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales)})
+    hparams.update({f"band_std_{s}": v for s, v in enumerate(stats.std)})
+    return hparams
 
 
 def train_dit(config: DiTTrainingConfig) -> dict:
@@ -183,6 +212,10 @@ def train_dit(config: DiTTrainingConfig) -> dict:
 
     if config.model not in DIT_PRESETS:  # before loading a possibly large data set
         raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(DIT_PRESETS)}")
+    if isinstance(config.stage_scales, str):
+        from ..data.band_stats import check_stage_scale_mode
+
+        check_stage_scale_mode(config.stage_scales)
     dataset = build_dataset(config)
     vae = load_vae(config, "cpu")
     from ..data.latents import LatentShardDataset
@@ -200,10 +233,10 @@ def train_dit(config: DiTTrainingConfig) -> dict:
     # seed start from different weights (run_training seeds again, after the model exists, for the training draws).
     set_seed(config.seed)
     model = build_model(config, in_channels=x.shape[0], sample_size=x.shape[-1], num_classes=dataset.num_classes)
+    hparams = {**flat_hparams(config), **resolve_stage_scales(config, model, dataset)}
     task = DiTTask(config, model, vae=vae)
     result = run_training(
-        config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=flat_hparams(config),
+        config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn, hparams=hparams,
     )
     write_loss_curve(result["log"], os.path.join(config.output_dir, "loss_curve.png"), model.config.num_stages)
     return result

@@ -35,7 +35,7 @@ import torch
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
 from .config import flat_hparams
-from .dit import write_loss_curve
+from .dit import resolve_stage_scales, write_loss_curve
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
 
@@ -66,6 +66,12 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     revision: str | None = None
     num_stages: int | None = None  # default: 2 when converting FLUX; the folder's own for a DFMPipeline
     stage_factors: int | list | None = None  # default 2 (conversion) / the folder's own
+    # stage_scales: null keeps the pipeline's own (none after a FLUX conversion, as in the paper's FLUX runs), a list
+    # of S positive floats sets them, "auto" / "auto_relative" estimates them from stage_scales_samples training
+    # images through the VAE (posterior mean, FLUX shift and scale) before training (see dfm_diffusers.data.band_stats);
+    # stored in the transformer config
+    stage_scales: list | str | None = None
+    stage_scales_samples: int = 4096
     weight_dtype: str = "auto"  # frozen weights: "auto" follows mixed_precision (bf16 -> bfloat16), or a dtype name
     # data
     dataset: str | None = None  # image folder with metadata.jsonl captions, saved/local data set, or Hub name
@@ -495,11 +501,24 @@ def build_flux_task(config: FluxTrainingConfig):
     added). Every ValueError for bad settings or data is raised here, before training."""
     from accelerate.utils import set_seed
 
+    from ..decomposition import LaplacianDecomposition
+
     config.validate()
     info = inspect_pretrained(config)
     config.validate_objective(info["num_stages"])
+    if isinstance(config.stage_scales, str):
+        from ..data.band_stats import check_stage_scale_mode
+
+        check_stage_scale_mode(config.stage_scales)
+    elif config.stage_scales is not None:
+        LaplacianDecomposition(info["num_stages"], info["stage_factors"], stage_scales=config.stage_scales)  # checks
     dataset = build_flux_dataset(config)
     pipe = load_dfm_pipeline(config, info)
+    if isinstance(config.stage_scales, str):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolve_stage_scales(config, pipe.transformer, dataset, vae=pipe.vae, device=device)
+    elif config.stage_scales is not None:
+        pipe.transformer.register_to_config(stage_scales=[float(v) for v in config.stage_scales])
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])
@@ -511,13 +530,16 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     ``pipeline``: a DFMPipeline around the trained transformer (LoRA attached, last weights, not EMA), and ``task``
     (the :class:`FluxTask`, e.g. to export again)."""
     task, dataset = build_flux_task(config)
+    scales = task.decomposition.stage_scales
+    hparams = {**flat_hparams(config), "stage_scales": str(scales)}
+    hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})
     result = run_training(
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=flat_hparams(config),
+        hparams=hparams,
     )
     write_loss_curve(
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
-        title="DFM-FLUX training loss (log10)",
+        title="DFM-FLUX training loss",
     )
     result["pipeline"] = task.pipeline(task.transformer)
     result["task"] = task

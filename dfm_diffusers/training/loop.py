@@ -1,7 +1,8 @@
 """The training loop shared by the DFM trainers (accelerate, diffusers' EMAModel, atomic checkpoints).
 
 A trainer script supplies the model, the dataset and three callables:
-- ``loss_fn(model, batch) -> (loss, logs: dict[str, float])``
+- ``loss_fn(model, batch) -> (loss, logs)``: logs values are floats or ``(sum, count)`` pairs; each log row holds
+  their means over the steps since the previous row (:class:`.log_window.LogWindow`)
 - ``sample_fn(model, step) -> None`` (writes sample grids; called with EMA weights swapped in)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
 """
@@ -26,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..utils import configure_attention_backends
+from .log_window import LogWindow
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -320,6 +322,7 @@ def run_training(
     )
     last_loss = float("nan")
     tic, window_start_step = time.perf_counter(), global_step
+    window = LogWindow()
     epoch = global_step // steps_per_epoch
     while global_step < config.max_train_steps:
         dataloader.set_epoch(epoch)
@@ -342,12 +345,12 @@ def run_training(
             if ema is not None:
                 ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
             last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            window.add({"loss": last_loss, **logs})
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if global_step % config.log_every == 0 or global_step == config.max_train_steps:
                 elapsed = time.perf_counter() - tic
-                row = {"step": global_step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                row.update({k: float(v) for k, v in logs.items()})
+                row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)

@@ -164,6 +164,29 @@ def noise_stages(
     return inputs, targets
 
 
+def stage_mse(model_output: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, S] float32: per-sample velocity MSE of every stage, mean_{c,h,w}((v_hat - v)^2)."""
+    if len(model_output) != len(targets):
+        raise ValueError(f"got {len(model_output)} predictions for {len(targets)} stages")
+    columns = []
+    for pred, target in zip(model_output, targets):
+        err = (pred.float() - target.float()) ** 2
+        columns.append(err.mean(dim=tuple(range(1, err.ndim))))
+    return torch.stack(columns, dim=1)
+
+
+def masked_stage_loss(
+    mse: torch.Tensor, loss_mask: torch.Tensor, stage_loss_weights: Sequence[float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per_stage [S]) from per-sample stage MSEs [B, S]: term_s = w_s * mean_b(mask_bs * mse_bs)."""
+    num_stages = mse.shape[1]
+    weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
+    if len(weights) != num_stages:
+        raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
+    per_stage = (mse * loss_mask.to(mse)).mean(dim=0) * torch.tensor(weights, dtype=mse.dtype, device=mse.device)
+    return per_stage.sum(), per_stage
+
+
 def dfm_loss(
     model_output: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
@@ -178,19 +201,29 @@ def dfm_loss(
     Returns:
         (loss: scalar float32, per_stage: [S] float32, the terms that sum to the loss).
     """
-    num_stages = len(targets)
-    if len(model_output) != num_stages:
-        raise ValueError(f"got {len(model_output)} predictions for {num_stages} stages")
-    weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
-    if len(weights) != num_stages:
-        raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
-    terms = []
-    for s in range(num_stages):
-        err = (model_output[s].float() - targets[s].float()) ** 2
-        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
-        terms.append(weights[s] * (per_sample * loss_mask[:, s].to(per_sample)).mean())
-    per_stage = torch.stack(terms)
-    return per_stage.sum(), per_stage
+    return masked_stage_loss(stage_mse(model_output, targets), loss_mask, stage_loss_weights)
+
+
+def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict[str, tuple[float, float]]:
+    """Per-stage losses over the samples they concern, as ``(sum, count)`` pairs that pool over steps.
+
+    - ``mse_stage_<s>``: velocity MSE of stage s over the samples where it is in the loss (loss_mask 1, s <= s*):
+      unlike the term ``loss_stage_<s>``, it is not diluted by the samples where the stage is masked (for stage 1
+      of 2, 90 % of them), so its curve is not a mostly-zero sawtooth.
+    - ``mse_generating_stage_<k>`` (S > 1 only): MSE of stage k over the samples generating it (s* = k), i.e. at
+      the sigmas of the stage's own sampling phase, without the previous-stage samples at small sigma.
+    Unweighted by ``stage_loss_weights``.
+    """
+    mse = mse.detach().double()
+    mask = draw.loss_mask.to(mse)
+    logs = {}
+    for s in range(mse.shape[1]):
+        logs[f"mse_stage_{s}"] = ((mse[:, s] * mask[:, s]).sum().item(), mask[:, s].sum().item())
+    if mse.shape[1] > 1:
+        for k in range(mse.shape[1]):
+            current = (draw.stage == k).to(mse)
+            logs[f"mse_generating_stage_{k}"] = ((mse[:, k] * current).sum().item(), current.sum().item())
+    return logs
 
 
 # ------------------------------------------------------------------------------ shared by the trainers
@@ -240,11 +273,18 @@ class DFMObjectiveOutput:
     inputs: list[torch.Tensor]
     targets: list[torch.Tensor]
     prediction: list[torch.Tensor]
+    mse: torch.Tensor  # [B, S] per-sample stage MSEs (see stage_mse)
 
     @property
-    def logs(self) -> dict[str, float]:
-        """``loss_stage_<s>`` for every stage (the terms that sum to the loss)."""
-        return {f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))}
+    def logs(self) -> dict[str, float | tuple[float, float]]:
+        """``loss_stage_<s>``: the terms that sum to the loss (floats); ``mse_stage_<s>`` and
+        ``mse_generating_stage_<k>``: the conditional per-stage losses as ``(sum, count)`` pairs
+        (:func:`conditional_stage_losses`; the training loop pools them over its log window)."""
+        logs: dict[str, float | tuple[float, float]] = {
+            f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))
+        }
+        logs.update(conditional_stage_losses(self.mse, self.draw))
+        return logs
 
 
 def dfm_objective(
@@ -276,5 +316,6 @@ def dfm_objective(
     )
     inputs, targets = noise_stages(stage_latents, draw.sigmas, draw.loss_mask, noise=noise, generator=generator)
     prediction = predict(inputs, draw)
-    loss, per_stage = dfm_loss(prediction, targets, draw.loss_mask, config.stage_loss_weights)
-    return DFMObjectiveOutput(loss, per_stage, draw, inputs, targets, list(prediction))
+    mse = stage_mse(prediction, targets)
+    loss, per_stage = masked_stage_loss(mse, draw.loss_mask, config.stage_loss_weights)
+    return DFMObjectiveOutput(loss, per_stage, draw, inputs, targets, list(prediction), mse.detach())

@@ -137,7 +137,8 @@ def test_values_are_converted_to_their_hinted_types(tmp_path):
     assert config.max_samples is None and config.steps_per_stage == [4, 2] and config.model_kwargs == {"num_layers": 2}
     # unions as other helpers add them (stage_scales "auto" or a list of floats)
     hint = typing.Optional[typing.Union[list[float], str]]
-    assert coerce("auto", hint, "auto") == "auto" and coerce([1, 0.5], hint) == [1.0, 0.5] and coerce(None, hint) is None
+    assert coerce("auto", hint, "auto") == "auto" and coerce([1, 0.5], hint) == [1.0, 0.5]
+    assert coerce(None, hint) is None
     assert coerce(2, int | list[int]) == 2 and coerce([2, 4], int | list[int]) == [2, 4]
     assert type_name(hint) == "list[float] | str | None"
 

@@ -418,7 +418,7 @@ def format_help(cls, description: str | None = None, prog: str | None = None) ->
             continue
         owner = next(k for k in reversed(cls.__mro__) if f.name in getattr(k, "__annotations__", {}))
         if owner not in groups:
-            title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+            title = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
             groups[owner] = parser.add_argument_group(f"{owner.__name__}: {title}")
         text = f"{field_help(cls, f.name)} (default: {_default(f)!r})".replace("%", "%%")
         groups[owner].add_argument(f"--{f.name}", metavar=type_name(hints[f.name]), help=text)

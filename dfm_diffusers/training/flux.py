@@ -35,7 +35,7 @@ import torch
 
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
-from .config import check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
+from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
 from .dit import write_loss_curve
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
@@ -121,11 +121,15 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         """Range and consistency checks before anything is loaded: required keys, dtypes, LoRA settings, and, for a
         local ``pretrained`` folder, read from its small JSON files, the stage lists against its number of stages
         and the resolution (for a Hub id these two are checked when build_flux_task reads the files)."""
-        problems = require(bool(self.pretrained), "pretrained", "is required: a FluxPipeline or DFMPipeline folder or Hub id")
-        problems += require(
-            bool(self.dataset), "dataset", "is required: an image folder with metadata.jsonl captions or a data set name"
+        problems = require(
+            bool(self.pretrained), "pretrained", "is required: a FluxPipeline or DFMPipeline folder or Hub id"
         )
-        problems += positive_int(self, "resolution", "max_sequence_length") + positive_int(self, "max_samples", optional=True)
+        problems += require(
+            bool(self.dataset), "dataset",
+            "is required: an image folder with metadata.jsonl captions or a data set name",
+        )
+        problems += positive_int(self, "resolution", "max_sequence_length")
+        problems += positive_int(self, "max_samples", optional=True)
         problems += positive_int(self, "num_stages", optional=True)
         problems += finite(self, "caption_dropout", low=0.0, high=1.0)
         problems += finite(self, "guidance_scale", "validation_guidance_scale", low=0.0)
@@ -146,7 +150,8 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             problems += require(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
         num_stages = self.num_stages
         # A local folder's config files are read here; a Hub id's in build_flux_task (validation stays offline).
-        if self.pretrained and os.path.isdir(self.pretrained) and not any(p.startswith(("resolution:", "num_stages:")) for p in problems):
+        well_typed = not any(p.startswith(("resolution:", "num_stages:")) for p in problems)
+        if self.pretrained and os.path.isdir(self.pretrained) and well_typed:
             try:
                 info = inspect_pretrained(self, check_resolution=False)
             except ValueError as e:
@@ -530,7 +535,10 @@ def build_flux_task(config: FluxTrainingConfig):
     from accelerate.utils import set_seed
 
     check_config(config)  # every settings problem at once, before the data set or any model is loaded
-    info = inspect_pretrained(config)
+    info = inspect_pretrained(config, check_resolution=False)  # a Hub id's config files are first read here
+    problems = stage_list_problems(config, info["num_stages"]) + require(*_resolution_check(config.resolution, info))
+    if problems:
+        raise ConfigError(problems, type(config).__name__)
     dataset = build_flux_dataset(config)
     pipe = load_dfm_pipeline(config, info)
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG

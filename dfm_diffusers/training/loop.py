@@ -74,7 +74,9 @@ class LoopConfig:
         schedulers = [t.value for t in SchedulerType]
         problems = require(bool(self.output_dir), "output_dir", "must name a folder")
         problems += require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
-        problems += positive_int(self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every")
+        problems += positive_int(
+            self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"
+        )
         problems += positive_int(self, "lr_warmup_steps", "dataloader_num_workers", "checkpointing_steps",
                                  "validation_steps", allow_zero=True)
         problems += positive_int(self, "checkpoints_total_limit", optional=True)
@@ -84,7 +86,8 @@ class LoopConfig:
         problems += finite(self, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
         problems += require(
             self.lr_scheduler in schedulers, "lr_scheduler",
-            f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}{did_you_mean(self.lr_scheduler, schedulers)}",
+            f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}"
+            f"{did_you_mean(self.lr_scheduler, schedulers)}",
         )
         resume = self.resume_from_checkpoint
         problems += require(

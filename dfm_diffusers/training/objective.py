@@ -214,9 +214,13 @@ class DFMObjectiveConfig:
     )
     logit_mean: float = setting(0.0, "the generated stage's sigma is sigmoid(N(logit_mean, logit_std))")
     logit_std: float = setting(1.0, "std of the generated stage's logit-normal sigma (> 0)")
-    previous_logit_mean: float = setting(1.5, "earlier stages' sigma is sigmoid(N(-previous_logit_mean, std)): toward data")
+    previous_logit_mean: float = setting(
+        1.5, "earlier stages' sigma is sigmoid(N(-previous_logit_mean, std)), biased toward data"
+    )
     previous_logit_std: float = setting(1.0, "std of the earlier stages' logit-normal sigma (> 0)")
-    sigma_sampling: Literal["logit_normal", "uniform"] = setting("logit_normal", "sigma distribution (uniform: ablation)")
+    sigma_sampling: Literal["logit_normal", "uniform"] = setting(
+        "logit_normal", "sigma distribution (uniform: ablation)"
+    )
     stage_sampling: Literal["per_sample", "per_batch"] = setting("per_sample", "draw the stage per sample or per batch")
     tied_timesteps: bool = setting(False, "ablation: all stages share one sigma, none masked")
     stage_loss_weights: list[float] | None = setting(None, "loss weight w_s of each stage (default 1 each)")

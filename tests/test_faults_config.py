@@ -129,7 +129,9 @@ def test_values_are_converted_to_their_hinted_types(tmp_path):
         "--learning_rate", "1e-4", "--adam_epsilon=1E-6", "--logit_mean", "0", "--use_ema", "no", "--random_flip=1",
         "--center_crop", "off", "--mixed_precision", "no", "--output_dir", "2024", "--stage_weights", "[1, 3]",
         "--max_samples", "null", "--steps_per_stage", "[4, 2]", "--model-kwargs", "{num_layers: 2}",
+        "--previous_logit_mean", "-0.5",
     ])
+    assert config.previous_logit_mean == -0.5  # a negative number is a value, not a flag
     assert config.learning_rate == 1e-4 and config.adam_epsilon == 1e-6 and type(config.logit_mean) is float
     assert (config.use_ema, config.random_flip, config.center_crop) == (False, True, False)
     assert config.mixed_precision == "no" and config.output_dir == "2024"  # the text as written, not YAML's False/int

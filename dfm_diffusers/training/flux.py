@@ -133,16 +133,12 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         problems += positive_int(self, "num_stages", optional=True)
         problems += finite(self, "caption_dropout", low=0.0, high=1.0)
         problems += finite(self, "guidance_scale", "validation_guidance_scale", low=0.0)
-        try:
-            dtype = self.resolved_weight_dtype()
-        except ValueError as e:
-            problems.append(f"weight_dtype: {e}")
-        else:
-            problems += require(
-                dtype == torch.float32 or self.mixed_precision != "no", "weight_dtype",
-                f"{self.weight_dtype} needs mixed_precision bf16/fp16: the float32 trainable layers and the {dtype} "
-                f"frozen ones only mix under autocast",
-            )
+        dtype = self.resolved_weight_dtype()  # both names are Literal-checked, so this resolves
+        problems += require(
+            dtype == torch.float32 or self.mixed_precision != "no", "weight_dtype",
+            f"{self.weight_dtype} needs mixed_precision bf16/fp16: the float32 trainable layers and the {dtype} "
+            f"frozen ones only mix under autocast",
+        )
         if self.lora:
             problems += positive_int(self, "lora_rank")
             problems += finite(self, "lora_alpha", low=0.0, low_open=True, optional=True)

@@ -95,7 +95,7 @@ def sample_figures(pipeline_dir: str, output_dir: str, per_class: int = 8) -> di
 
 def main(argv=None):
     from .data.fashion_mnist import FashionMNISTNotFoundError
-    from .training.config import load_config
+    from .training.config import ConfigError, check_config, load_config
     from .training.dit import DiTTrainingConfig, train_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,12 +105,17 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
-    config = load_config(DiTTrainingConfig, args.config, overrides)
-    if torch.cuda.is_available() and not args.cpu:
-        for key, value in GPU_OVERRIDES.items():
-            if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
-                setattr(config, key, value)
-        print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+    try:
+        config = load_config(DiTTrainingConfig, args.config, overrides)
+        if torch.cuda.is_available() and not args.cpu:
+            for key, value in GPU_OVERRIDES.items():
+                if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
+                    setattr(config, key, value)
+            print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+        check_config(config)  # the GPU settings too, before anything is written or loaded
+    except ConfigError as e:
+        print(f"quickstart stopped: {e}", file=sys.stderr)
+        return 2
     os.makedirs(config.output_dir, exist_ok=True)
     pyramid_demo(config.output_dir)
     try:

@@ -449,7 +449,7 @@ def test_unknown_model_name_fails_first(tmp_path):
     # the data folder does not exist either: the model name is checked before any data is loaded
     _fails_before_training(
         tmp_path, ["--model", "DiT-Q/3", "--data_dir", tmp_path / "missing"], ValueError,
-        r"unknown model 'DiT-Q/3'; known models: .*DFM-DiT-T/4",
+        r"model: unknown model 'DiT-Q/3'; known models: .*DFM-DiT-T/4",
     )
 
 
@@ -457,12 +457,12 @@ def test_unknown_model_name_fails_first(tmp_path):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--model", "DFM-DiT-T/4", "--resolution", 30], "sample_size 30 must be divisible by patch_size 4"),
-        (["--model", "DFM-DiT-T/8", "--resolution", 28], "sample_size 28 must be divisible by patch_size 8"),
-        (["--model", "DFM-DiT-T/4", "--num_stages", 4], "coarsest stage's patch size would be fractional"),
-        (["--model", "DFM-DiT-T/4", "--stage_factors", "[2, 2]"], "stage_factors must hold num_stages - 1 = 1"),
-        (["--model", "DiT-T/4", "--steps_per_stage", "[3, 2]"], "steps_per_stage must be a list of num_stages = 1"),
-        (["--model", "DFM-DiT-T/4", "--stage_weights", "[0.5, 0.3, 0.2]"], "stage_weights must hold num_stages = 2"),
+        (["--model", "DFM-DiT-T/4", "--resolution", 30], "resolution: 30 must be divisible by 4"),
+        (["--model", "DFM-DiT-T/8", "--resolution", 28], "resolution: 28 must be divisible by 8"),
+        (["--model", "DFM-DiT-T/4", "--num_stages", 4], "num_stages: 4 stages .* coarsest stage's patch size would be fractional"),
+        (["--model", "DFM-DiT-T/4", "--stage_factors", "[2, 2]"], "stage_factors: must hold num_stages - 1 = 1"),
+        (["--model", "DiT-T/4", "--steps_per_stage", "[3, 2]"], "steps_per_stage: must hold num_stages = 1"),
+        (["--model", "DFM-DiT-T/4", "--stage_weights", "[0.5, 0.3, 0.2]"], "stage_weights: must hold num_stages = 2"),
     ],
     ids=["resolution-vs-patch", "resolution-vs-patch8", "too-many-stages", "factors", "steps-per-stage", "weights"],
 )
@@ -516,5 +516,5 @@ def test_float_settings_accept_exponents_without_a_dot():
     config = load_config(DiTTrainingConfig, None, ["--learning_rate", "1e-3", "--adam_epsilon=1E-6", "--logit_mean", "0"])
     assert config.learning_rate == 1e-3 and config.adam_epsilon == 1e-6 and config.logit_mean == 0
     assert isinstance(config.learning_rate, float)
-    with pytest.raises(ValueError, match="learning_rate must be a number, got 'fast'"):
+    with pytest.raises(ValueError, match="learning_rate: must be a number, got 'fast'"):
         load_config(DiTTrainingConfig, None, ["--learning_rate", "fast"])

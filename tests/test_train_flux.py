@@ -262,8 +262,10 @@ def test_bad_inputs_raise_before_training(overrides, match, flux_pipeline_dir, d
     assert not (tmp_path / "out" / "training_log.jsonl").exists() and not (tmp_path / "out" / "pipeline").exists()
 
 
-def test_unknown_config_key_is_a_usage_error(flux_pipeline_dir, caption_dir, tmp_path):
-    with pytest.raises(SystemExit):
+def test_unknown_config_key_is_named_with_the_closest_key(flux_pipeline_dir, caption_dir, tmp_path):
+    from dfm_diffusers.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora_rnak: unknown setting \\(did you mean 'lora_rank'\\?\\)"):
         train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path, lora_rnak=4))
 
 

@@ -1,5 +1,6 @@
 """Training core shared by train_dfm_flux.py and train_dfm_dit.py."""
 
+from .config import ConfigError, check_config, load_config
 from .log_window import LogWindow
 from .objective import (
     DFMObjectiveConfig,
@@ -17,6 +18,9 @@ from .objective import (
 )
 
 __all__ = [
+    "ConfigError",
+    "check_config",
+    "load_config",
     "DFMObjectiveConfig",
     "DFMObjectiveOutput",
     "DFMTrainingSigmas",

@@ -9,10 +9,12 @@ With one stage this is ordinary flow matching.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from .config import finite, setting
 
 SIGMA_SAMPLINGS = ("logit_normal", "uniform")
 STAGE_SAMPLINGS = ("per_sample", "per_batch")
@@ -240,15 +242,28 @@ class DFMObjectiveConfig:
     tied_timesteps: all stages share one sigma (ablation); stage_loss_weights: w_s of the loss (default 1).
     """
 
-    stage_weights: list | None = None
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    previous_logit_mean: float = 1.5
-    previous_logit_std: float = 1.0
-    sigma_sampling: str = "logit_normal"
-    stage_sampling: str = "per_sample"
-    tied_timesteps: bool = False
-    stage_loss_weights: list | None = None
+    stage_weights: list[float] | None = setting(
+        None, "probabilities of the stage being generated, one per stage (default [0.9, 0.1] for 2 stages)"
+    )
+    logit_mean: float = setting(0.0, "the generated stage's sigma is sigmoid(N(logit_mean, logit_std))")
+    logit_std: float = setting(1.0, "std of the generated stage's logit-normal sigma (> 0)")
+    previous_logit_mean: float = setting(
+        1.5, "earlier stages' sigma is sigmoid(N(-previous_logit_mean, std)), biased toward data"
+    )
+    previous_logit_std: float = setting(1.0, "std of the earlier stages' logit-normal sigma (> 0)")
+    sigma_sampling: Literal["logit_normal", "uniform"] = setting(
+        "logit_normal", "sigma distribution (uniform: ablation)"
+    )
+    stage_sampling: Literal["per_sample", "per_batch"] = setting("per_sample", "draw the stage per sample or per batch")
+    tied_timesteps: bool = setting(False, "ablation: all stages share one sigma, none masked")
+    stage_loss_weights: list[float] | None = setting(None, "loss weight w_s of each stage (default 1 each)")
+
+    def validate(self) -> list[str]:
+        """Range checks of these fields; the stage lists' lengths are checked by the trainer config, which knows
+        the number of stages (:func:`.config.stage_list_problems`)."""
+        return finite(self, "logit_std", "previous_logit_std", low=0.0, low_open=True) + finite(
+            self, "logit_mean", "previous_logit_mean"
+        )
 
     def validate_objective(self, num_stages: int) -> list[float]:
         """ValueError for inconsistent settings; returns the normalized stage weights."""

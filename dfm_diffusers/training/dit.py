@@ -65,6 +65,9 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     stage_thresholds: list[float] | None = setting(None, "sigma at which each later stage starts (S - 1 values)")
     sample_guidance_scale: float = setting(1.0, "classifier-free guidance scale of the sample grids")
     sample_class_labels: list[int] | None = setting(None, "class labels of the sample grids (default: first 10)")
+    save_pipeline_at_validation: bool = setting(
+        False, "also export the EMA pipeline to <output_dir>/pipeline-<step> at every validation step"
+    )
     # hub
     push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
     hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
@@ -239,6 +242,8 @@ class DiTTask:
         image_grid(previews, size=images.shape[-1] * 2, value_range=(0, 1)).save(
             os.path.join(self.samples_dir, f"step_{step:07d}.png")
         )
+        if self.config.save_pipeline_at_validation:
+            self.pipeline(model).save_pretrained(os.path.join(self.config.output_dir, f"pipeline-{step}"))
 
     def export_fn(self, model, folder: str):
         pipe = self.pipeline(model)

@@ -5,8 +5,9 @@
 Both models are trained by train_dfm_dit's code with identical settings; only the stages differ:
 FM = DiT-S/2 (1 stage), DFM = DFM-DiT-S/2 (2 stages, 16x16 -> 32x32, stage weights [0.9, 0.1]). Each generates
 1000 samples per class with the same number of model evaluations (FM 40 steps, DFM 30 + 10). Quality is the
-Frechet distance to the 10k test images in the feature space of a small classifier trained on the training set
-(dfm_diffusers.evaluation; no Inception network offline). Lower is better. "train vs test" is the floor.
+Frechet distance to the 10k test images in the feature space of the evaluation classifier trained on the training
+set (dfm_diffusers.evaluation; no Inception network offline), with multiscale SWD and k-NN precision/recall.
+Lower FD/SWD is better. "train vs test" is the floor.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dfm_diffusers import DFMDiTPipeline  # noqa: E402
-from dfm_diffusers.data import build_image_dataset  # noqa: E402
 from dfm_diffusers.evaluation import (  # noqa: E402
-    classifier_accuracy,
-    extract_features,
-    frechet_distance,
-    train_feature_classifier,
+    ClassifierTrainingConfig,
+    Reference,
+    dataset_images,
+    load_or_train_classifier,
+    sample_pipeline,
+    score_images,
 )
 from dfm_diffusers.training.dit import DiTTrainingConfig, train_dit  # noqa: E402
 
@@ -35,11 +37,6 @@ METHODS = {
     "fm": dict(model="DiT-S/2", num_stages=1, steps_per_stage=[40]),
     "dfm": dict(model="DFM-DiT-S/2", num_stages=2, steps_per_stage=[30, 10], stage_thresholds=[0.1]),
 }
-
-
-def as_tensors(dataset):
-    items = [dataset[i] for i in range(len(dataset))]
-    return torch.stack([it["pixel_values"] for it in items]), torch.stack([it["class_labels"] for it in items])
 
 
 def main(argv=None):
@@ -53,20 +50,24 @@ def main(argv=None):
     parser.add_argument("--methods", nargs="+", default=["fm", "dfm"], choices=sorted(METHODS))
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--classifier-steps", type=int, default=2000)
+    parser.add_argument("--classifier", default=None,
+                        help="evaluation classifier folder (default <out>/classifier; trained there if missing)")
+    parser.add_argument("--classifier-steps", type=int, default=4000)
     parser.add_argument("--max-samples", type=int, default=None, help="use only this many train/test images")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     os.makedirs(args.out, exist_ok=True)
 
-    data = dict(random_flip=False, data_dir=args.data_dir, max_samples=args.max_samples)
-    train_x, train_y = as_tensors(build_image_dataset("fashion_mnist", 32, **data))
-    test_x, test_y = as_tensors(build_image_dataset("fashion_mnist", 32, split="test", **data))
-    classifier = train_feature_classifier(train_x, train_y, 10, steps=args.classifier_steps, device=device,
-                                          seed=args.seed)
-    result = {"classifier_test_accuracy": classifier_accuracy(classifier, test_x, test_y)}
-    test_features = extract_features(classifier, test_x)
-    result["fd_train_vs_test"] = frechet_distance(extract_features(classifier, train_x[:10000]), test_features)
+    classifier = load_or_train_classifier(
+        args.classifier or os.path.join(args.out, "classifier"), device, data_dir=args.data_dir,
+        max_samples=args.max_samples, config=ClassifierTrainingConfig(steps=args.classifier_steps, seed=args.seed),
+    )
+    train_x, train_y = dataset_images("fashion_mnist", "train", 32, args.data_dir, args.max_samples)
+    test_x, test_y = dataset_images("fashion_mnist", "test", 32, args.data_dir, args.max_samples)
+    reference = Reference.build(test_x, test_y, classifier, name="fashion_mnist:test")
+    result = {"classifier_test_accuracy": classifier.record["test_accuracy"],
+              "train_vs_test": score_images(train_x[:10000], train_y[:10000], reference, classifier)}
+    result["fd_train_vs_test"] = result["train_vs_test"]["fd"]
     print(f"feature classifier: test accuracy {result['classifier_test_accuracy']:.4f}; "
           f"FD(train, test) = {result['fd_train_vs_test']:.3f}")
 
@@ -83,21 +84,17 @@ def main(argv=None):
         trained = train_dit(config)
         train_s = time.perf_counter() - t0
         pipe = DFMDiTPipeline.from_pretrained(trained["export_dir"]).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        samples = []
-        for c in range(10):
-            out = pipe(class_labels=[c] * args.per_class, guidance_scale=args.guidance_scale,
-                       generator=torch.Generator().manual_seed(args.seed + c), output_type="pt")
-            samples.append(out.images.cpu() * 2 - 1)  # back to [-1, 1], the classifier's input range
-        samples = torch.cat(samples)
-        labels = torch.arange(10).repeat_interleave(args.per_class)
+        samples, labels = sample_pipeline(pipe, 10 * args.per_class, batch_size=1000, seed=args.seed,
+                                          guidance_scale=args.guidance_scale)
+        scores = score_images(samples, labels, reference, classifier)
         result[name] = {
             "model": config.model,
             "train_steps": args.steps,
             "train_seconds": round(train_s, 1),
             "final_loss": trained["loss"],
-            "fd_to_test": frechet_distance(extract_features(classifier, samples), test_features),
-            "class_accuracy_of_samples": classifier_accuracy(classifier, samples, labels),
+            "fd_to_test": scores["fd"],
+            "class_accuracy_of_samples": scores["class_agreement"],
+            "scores": scores,
             "model_evaluations_per_sample": sum(config.steps_per_stage),
         }
         print(f"{name}: {result[name]}")

@@ -1,6 +1,7 @@
 """dfm_diffusers.evaluation: metrics against closed forms / brute force / known orderings, the feature classifier,
 pretrained-feature metrics (no-weights errors, a tiny DINOv2), and the sample + score commands end to end."""
 
+import importlib.util
 import json
 import math
 import os
@@ -241,6 +242,10 @@ def test_pretrained_metrics_refuse_to_run_without_weights(tmp_path):
         dinov2_frechet_distance(images, images, "")
     with pytest.raises(FileNotFoundError):
         inception_fid(images, images, str(tmp_path / "missing.pth"))
+    if importlib.util.find_spec("torch_fidelity") is None:  # torchmetrics' InceptionV3 is torch-fidelity's
+        (tmp_path / "weights.pth").write_bytes(b"")
+        with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
+            inception_fid(images, images, str(tmp_path / "weights.pth"))
 
 
 def test_dinov2_frechet_distance_with_a_tiny_local_model(tmp_path):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .metrics import uint8_to_tensor
+from .metrics import frechet_distance, uint8_to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def predict(model: FeatureClassifier, images, batch_size: int = 1024) -> torch.T
 
 def classifier_accuracy(model: FeatureClassifier, images, labels, batch_size: int = 1024) -> float:
     """Fraction of images whose predicted class is their label."""
-    return float((predict(model, images, batch_size) == torch.as_tensor(labels).cpu()).float().mean())
+    return float((predict(model, images, batch_size) == torch.as_tensor(labels).cpu()).double().mean())
 
 
 def save_feature_classifier(model: FeatureClassifier, path: str | os.PathLike, test_accuracy: float, **info) -> None:
@@ -267,10 +267,14 @@ def train_classifier_on_dataset(
     seconds = time.perf_counter() - start
     accuracy = classifier_accuracy(model, test_x, test_y)
     train_accuracy = classifier_accuracy(model, train_x[:10000], train_y[:10000])
-    logger.info("feature classifier: test accuracy %.4f after %d steps (%.0f s)", accuracy, config.steps, seconds)
+    # the FD floor: real training images against the real test images
+    fd_floor = frechet_distance(extract_features(model, train_x[: len(test_x)]), extract_features(model, test_x))
+    logger.info("feature classifier: test accuracy %.4f after %d steps (%.0f s); FD(train, test) = %.3f",
+                accuracy, config.steps, seconds, fd_floor)
     if out is not None:
         save_feature_classifier(
-            model, out, accuracy, train_accuracy_first_10k=train_accuracy, train_seconds=round(seconds, 1),
+            model, out, accuracy, train_accuracy_first_10k=train_accuracy, fd_train_vs_test=fd_floor,
+            train_seconds=round(seconds, 1),
             device=str(device), dataset=dict(source=source, resolution=resolution, train_images=len(train_x),
                                              test_images=len(test_x)),
         )

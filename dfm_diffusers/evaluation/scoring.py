@@ -99,7 +99,7 @@ def score_images(
         "class_agreement": None,
     }
     if labels is not None:
-        result["class_agreement"] = float((predict(classifier, images) == torch.as_tensor(labels)).float().mean())
+        result["class_agreement"] = float((predict(classifier, images) == torch.as_tensor(labels)).double().mean())
     if inception_weights is not None:
         from .pretrained import inception_fid
 

@@ -157,6 +157,21 @@ def resolve_resume_path(resume: str | None, checkpoint_dir: str) -> str | None:
     return resume
 
 
+def check_random_states(folder: str, process_index: int) -> None:
+    """accelerate's ``load_state`` skips an unreadable RNG file with an info message, which would make a resume
+    silently inexact: read it first (``weights_only=True``, as accelerate does) and fail loudly instead."""
+    from accelerate.utils import load
+
+    path = os.path.join(folder, f"random_states_{process_index}.pkl")
+    if not os.path.isfile(path):
+        logger.warning("%s has no random states for process %d: the resume will not be exact", folder, process_index)
+        return
+    try:
+        load(path)
+    except Exception as e:
+        raise CheckpointError(f"{path} cannot be read as random states (weights_only=True): {e}") from e
+
+
 def remove_checkpoint(path: str) -> None:
     """Delete a checkpoint folder without ever leaving a half-deleted one under a valid name: rename, then delete."""
     doomed = f"{path}{DELETING_SUFFIX}-{uuid.uuid4().hex[:8]}"

@@ -38,6 +38,7 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     NonFiniteLossError,
     NonFiniteTrainingError,
     OutputDirLock,
+    check_random_states,
     list_checkpoints,
     load_ema,
     nonfinite_names,
@@ -299,6 +300,7 @@ def _run_training(config, model, dataset, loss_fn, sample_fn, export_fn, collate
         if resume_path is None:
             logger.warning("resume_from_checkpoint=latest but no checkpoint exists yet: starting from scratch")
     if resume_path:
+        check_random_states(resume_path, accelerator.process_index)
         accelerator.load_state(resume_path, load_kwargs={"weights_only": True})
         if ema is not None:
             load_ema(ema, trainable_names, os.path.join(resume_path, EMA_FILE))
@@ -323,6 +325,15 @@ def _run_training(config, model, dataset, loss_fn, sample_fn, export_fn, collate
             )
 
     def save_checkpoint(step: int):
+        if nonfinite["consecutive_nonfinite_steps"]:
+            # A checkpoint inside a run of skipped steps would, through rotation, push out the last one taken
+            # after a good step; the next save after a good step happens as usual.
+            kept = list_checkpoints(checkpoint_dir)
+            logger.warning(
+                "step %d: no checkpoint after %d skipped non-finite step(s) in a row; the newest stays %s",
+                step, nonfinite["consecutive_nonfinite_steps"], kept[-1][1] if kept else "none",
+            )
+            return
         check_finite(f"checkpoint of step {step}", step)
         accelerator.wait_for_everyone()
         final = os.path.join(checkpoint_dir, f"checkpoint-{step}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -215,21 +215,9 @@ def run_training(
     never replaces the latest good one. The main process holds ``<output_dir>/.lock`` for the whole run.
     Returns a summary dict (final step, last loss, export folder, log rows, number of skipped non-finite steps).
     """
-    os.makedirs(config.output_dir, exist_ok=True)
-    lock = OutputDirLock(config.output_dir) if PartialState().is_main_process else None
-    if lock is not None:
-        lock.acquire()  # refuses at once if a live run holds the folder
-    try:
-        return _run_training(config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run_training(config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams) -> dict[str, Any]:
     configure_attention_backends()
     report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
-    checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
+    os.makedirs(config.output_dir, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -239,6 +227,22 @@ def _run_training(config, model, dataset, loss_fn, sample_fn, export_fn, collate
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()  # refuses at once if a live run holds the folder
+    try:
+        return _run_training(
+            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_training(
+    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+) -> dict[str, Any]:
+    checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()

@@ -294,7 +294,7 @@ def _run_training(
     log = TrainingLog(os.path.join(config.output_dir, "training_log.jsonl"), accelerator.is_main_process)
     steps_per_epoch = max(1, math.ceil(len(dataloader) / config.gradient_accumulation_steps))
     global_step = 0
-    # skipped non-finite steps: in all, and in a row up to now (checkpointed, so a resume continues the count)
+    # skipped non-finite steps: in all (checkpointed, so a resumed run's log goes on counting), and in a row now
     nonfinite = {"nonfinite_steps": 0, "consecutive_nonfinite_steps": 0}
     resume_path = None
     if config.resume_from_checkpoint:  # verified (sha256) once, by the main process
@@ -441,7 +441,7 @@ def _run_training(
                 log.append(row)
                 if report_to:
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-            if nonfinite["consecutive_nonfinite_steps"] >= config.max_consecutive_nonfinite_steps:
+            if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
                 accelerator.end_training()
                 kept = list_checkpoints(checkpoint_dir)
                 raise NonFiniteLossError(

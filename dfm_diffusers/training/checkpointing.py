@@ -211,17 +211,36 @@ def is_disk_full(error: BaseException) -> bool:
     return False
 
 
-def save_failed_error(error: BaseException, folder: str, previous: str | None) -> CheckpointSaveError:
-    """The error to raise when writing ``folder`` failed: says whether the disk is full and what is still usable."""
+#: Below this much free space after a failed write the disk counts as full: torch.save reports ENOSPC only as
+#: "RuntimeError: [enforce fail at inline_container.cc] unexpected pos", without the errno.
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def _free_bytes(path: str) -> int | None:
     try:
-        free = f"{shutil.disk_usage(os.path.dirname(folder) or '.').free / 2**20:.0f} MiB free there now"
+        return shutil.disk_usage(path).free
     except OSError:
-        free = "free space unknown"
-    kept = f"the previous checkpoint {previous} is untouched" if previous else "no earlier checkpoint exists"
-    what = "the disk is full (no space left on device)" if is_disk_full(error) else f"{type(error).__name__}: {error}"
+        return None
+
+
+def abandon_failed_save(error: BaseException, tmp: str, final: str) -> CheckpointSaveError:
+    """After writing ``tmp`` (to become ``final``) failed: remove the partial folder and return the error to raise,
+    which says whether the disk is full (ENOSPC in the chain, or almost no space left before the clean-up) and which
+    earlier checkpoint is still usable."""
+    checkpoint_dir = os.path.dirname(final)
+    free_before = _free_bytes(checkpoint_dir)
+    shutil.rmtree(tmp, ignore_errors=True)
+    full = is_disk_full(error) or (free_before is not None and free_before < NEARLY_FULL_BYTES)
+    previous = list_checkpoints(checkpoint_dir)
+    kept = f"the previous checkpoint {previous[-1][1]} is untouched" if previous else "no earlier checkpoint exists"
+    free_after = _free_bytes(checkpoint_dir)
+    space = (f"{free_before / 2**20:.0f} MiB were free when it failed, {free_after / 2**20:.0f} MiB after removing it"
+             if free_before is not None and free_after is not None else "free space unknown")
+    what = "the disk is full (no space left on device)" if full else f"{type(error).__name__}: {error}"
+    advice = "Free some space, then" if full else "Then"
     return CheckpointSaveError(
-        f"saving checkpoint {os.path.basename(folder)} failed: {what}; the partial folder was removed, {kept} "
-        f"({free}). Free some space and resume with --resume_from_checkpoint latest."
+        f"saving checkpoint {os.path.basename(final)} failed: {what}; the partial folder was removed and {kept} "
+        f"({space}). {advice} resume with --resume_from_checkpoint latest."
     )
 
 

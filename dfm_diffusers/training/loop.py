@@ -38,6 +38,7 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     NonFiniteLossError,
     NonFiniteTrainingError,
     OutputDirLock,
+    abandon_failed_save,
     check_random_states,
     list_checkpoints,
     load_ema,
@@ -47,7 +48,6 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     resolve_resume_path,
     rotate_checkpoints,
     save_ema,
-    save_failed_error,
     write_manifest,
 )
 
@@ -358,9 +358,7 @@ def _run_training(
                 write_manifest(tmp, step)  # last: a folder with a valid manifest is complete
         except Exception as e:
             if accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-                previous = list_checkpoints(checkpoint_dir)
-                raise save_failed_error(e, final, previous[-1][1] if previous else None) from e
+                raise abandon_failed_save(e, tmp, final) from e
             raise
         if accelerator.is_main_process:
             if os.path.isdir(final):  # a replayed step after a resume: never half-delete under the valid name

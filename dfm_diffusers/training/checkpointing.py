@@ -234,7 +234,7 @@ def abandon_failed_save(error: BaseException, tmp: str, final: str) -> Checkpoin
     previous = list_checkpoints(checkpoint_dir)
     kept = f"the previous checkpoint {previous[-1][1]} is untouched" if previous else "no earlier checkpoint exists"
     free_after = _free_bytes(checkpoint_dir)
-    space = (f"{free_before / 2**20:.0f} MiB were free when it failed, {free_after / 2**20:.0f} MiB after removing it"
+    space = (f"{free_before / 2**20:.1f} MiB were free when it failed, {free_after / 2**20:.1f} MiB after removing it"
              if free_before is not None and free_after is not None else "free space unknown")
     what = "the disk is full (no space left on device)" if full else f"{type(error).__name__}: {error}"
     advice = "Free some space, then" if full else "Then"
@@ -277,7 +277,9 @@ def load_ema(ema, names: list[str], path: str) -> None:
     with torch.no_grad():
         for shadow, tensor, name in zip(ema.shadow_params, tensors, names):
             if shadow.shape != tensor.shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model {tuple(shadow.shape)}")
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(shadow.shape)}"
+                )
             shadow.copy_(tensor)
 
 

@@ -5,6 +5,12 @@ A trainer script supplies the model, the dataset and three callables:
   their means over the steps since the previous row (:class:`.log_window.LogWindow`)
 - ``sample_fn(model, step) -> None`` (writes sample grids; called with EMA weights swapped in)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
+
+Faults it survives: a step whose loss or gradient norm is not finite is skipped (no optimizer, lr or EMA update)
+and counted; ``max_consecutive_nonfinite_steps`` of them in a row stop the run (:class:`NonFiniteLossError`), and
+nothing holding NaN/inf is ever saved or exported. Checkpoints carry a manifest and ``latest`` takes the newest
+one that verifies; one run per output folder (a lock file); a failed save (full disk) removes its partial folder.
+See :mod:`.checkpointing`.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -21,7 +26,7 @@ from typing import Any, Callable, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -29,9 +34,27 @@ from tqdm.auto import tqdm
 from ..utils import configure_attention_backends
 from .config import did_you_mean, finite, positive_int, require, setting
 from .log_window import LogWindow
+from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_path, CHECKPOINT_RE: public here too)
+    CHECKPOINT_RE,
+    EMA_FILE,
+    LOOP_STATE_FILE,
+    NonFiniteLossError,
+    NonFiniteTrainingError,
+    OutputDirLock,
+    abandon_failed_save,
+    check_random_states,
+    list_checkpoints,
+    load_ema,
+    nonfinite_names,
+    remove_checkpoint,
+    remove_leftovers,
+    resolve_resume_path,
+    rotate_checkpoints,
+    save_ema,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -69,6 +92,10 @@ class LoopConfig:
     report_to: str | None = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...); 'none' for none")
     tracker_project_name: str = setting("dfm", "project name given to the tracker")
 
+    max_consecutive_nonfinite_steps: int = setting(
+        5, "steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run"
+    )
+
     def validate(self) -> list[str]:
         """Range checks of these fields (``key: problem`` lines; see :func:`.config.config_problems`)."""
         from diffusers.optimization import SchedulerType
@@ -77,7 +104,8 @@ class LoopConfig:
         problems = require(bool(self.output_dir), "output_dir", "must name a folder")
         problems += require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
         problems += positive_int(
-            self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"
+            self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+            "max_consecutive_nonfinite_steps"
         )
         problems += positive_int(self, "lr_warmup_steps", "dataloader_num_workers", "checkpointing_steps",
                                  "validation_steps", allow_zero=True)
@@ -98,29 +126,6 @@ class LoopConfig:
         )
         return problems
 
-
-def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """Completed checkpoints as (step, path), oldest first (temporary, half-written folders are ignored)."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    found = []
-    for name in os.listdir(checkpoint_dir):
-        match = CHECKPOINT_RE.match(name)
-        if match and os.path.isdir(os.path.join(checkpoint_dir, name)):
-            found.append((int(match.group(1)), os.path.join(checkpoint_dir, name)))
-    return sorted(found)
-
-
-def resolve_resume_path(resume: str | None, checkpoint_dir: str) -> str | None:
-    """``"latest"`` -> the newest completed checkpoint (None if there is none); a path is checked."""
-    if not resume:
-        return None
-    if resume == "latest":
-        found = list_checkpoints(checkpoint_dir)
-        return found[-1][1] if found else None
-    if not os.path.isdir(resume):
-        raise ValueError(f"resume_from_checkpoint={resume!r} is not a checkpoint folder")
-    return resume
 
 
 def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
@@ -151,10 +156,12 @@ class TrainingLog:
             return
         with open(self.path, encoding="utf-8") as f:
             rows = [json.loads(line) for line in f if line.strip()]
-        with open(self.path, "w", encoding="utf-8") as f:
+        tmp = self.path + ".tmp"  # rewritten atomically: a kill here leaves the old log or the new one
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 if row["step"] <= step:
                     f.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]):
         if self.enabled:
@@ -241,14 +248,14 @@ def run_training(
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``config.max_train_steps`` optimizer steps.
 
-    Checkpoints (accelerate save_state, EMA included) go to ``<output_dir>/checkpoints/checkpoint-<step>``,
-    written under a temporary name and renamed, so a killed save never replaces the latest good one.
-    Returns a summary dict (final step, last loss, export folder).
+    Checkpoints (accelerate save_state, EMA as safetensors, a manifest written last) go to
+    ``<output_dir>/checkpoints/checkpoint-<step>``, written under a temporary name and renamed, so a killed save
+    never replaces the latest good one. The main process holds ``<output_dir>/.lock`` for the whole run.
+    Returns a summary dict (final step, last loss, export folder, log rows, number of skipped non-finite steps).
     """
     configure_attention_backends()
     report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
     os.makedirs(config.output_dir, exist_ok=True)
-    checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         mixed_precision=config.mixed_precision,
@@ -258,6 +265,22 @@ def run_training(
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
+    if lock is not None:
+        lock.acquire()  # refuses at once if a live run holds the folder
+    try:
+        return _run_training(
+            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+        )
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_training(
+    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+) -> dict[str, Any]:
+    checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -297,7 +320,9 @@ def run_training(
             [p for p in base.parameters() if p.requires_grad], decay=config.ema_decay, use_ema_warmup=config.ema_warmup
         )
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
+        # Not accelerator.register_for_checkpointing(ema): that writes a pickle accelerate loads with
+        # weights_only=False. The EMA goes to ema.safetensors in save_checkpoint instead.
+    trainable_names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
     if config.torch_compile:
         model = torch.compile(model)
 
@@ -307,31 +332,77 @@ def run_training(
     log = TrainingLog(os.path.join(config.output_dir, "training_log.jsonl"), accelerator.is_main_process)
     steps_per_epoch = max(1, math.ceil(len(dataloader) / config.gradient_accumulation_steps))
     global_step = 0
-    resume_path = resolve_resume_path(config.resume_from_checkpoint, checkpoint_dir)
-    if config.resume_from_checkpoint and resume_path is None:
-        logger.warning("resume_from_checkpoint=latest but no checkpoint exists yet: starting from scratch")
+    # skipped non-finite steps: in all (checkpointed, so a resumed run's log goes on counting), and in a row now
+    nonfinite = {"nonfinite_steps": 0, "consecutive_nonfinite_steps": 0}
+    resume_path = None
+    if config.resume_from_checkpoint:  # verified (sha256) once, by the main process
+        resume_path = [resolve_resume_path(config.resume_from_checkpoint, checkpoint_dir)
+                       if accelerator.is_main_process else None]
+        resume_path = broadcast_object_list(resume_path)[0]
+        if resume_path is None:
+            logger.warning("resume_from_checkpoint=latest but no checkpoint exists yet: starting from scratch")
     if resume_path:
-        accelerator.load_state(resume_path)
+        check_random_states(resume_path, accelerator.process_index)
+        accelerator.load_state(resume_path, load_kwargs={"weights_only": True})
+        if ema is not None:
+            load_ema(ema, trainable_names, os.path.join(resume_path, EMA_FILE))
+        with open(os.path.join(resume_path, LOOP_STATE_FILE), encoding="utf-8") as f:
+            loop_state = json.load(f)
+        nonfinite.update({k: int(loop_state[k]) for k in nonfinite})
         global_step = int(CHECKPOINT_RE.match(os.path.basename(resume_path)).group(1))
         accelerator.print(f"resumed from {resume_path} at step {global_step}")
     log.truncate_after(global_step)  # a fresh run starts a fresh log; a resumed one drops rows past the checkpoint
 
+    def check_finite(what: str, step: int):
+        """Refuse to save or export weights holding NaN/inf (raises NonFiniteTrainingError)."""
+        base = accelerator.unwrap_model(model)
+        bad = nonfinite_names(base.named_parameters())
+        if ema is not None:
+            bad += [f"EMA {n}" for n in nonfinite_names(zip(trainable_names, ema.shadow_params))]
+        if bad:
+            kept = list_checkpoints(checkpoint_dir)
+            raise NonFiniteTrainingError(
+                f"step {step}: not writing the {what}: {len(bad)} tensors hold NaN/inf (first: {bad[:3]}). "
+                f"Last checkpoint: {kept[-1][1] if kept else 'none'}. Lower the learning rate or set max_grad_norm."
+            )
+
     def save_checkpoint(step: int):
+        if nonfinite["consecutive_nonfinite_steps"]:
+            # A checkpoint inside a run of skipped steps would, through rotation, push out the last one taken
+            # after a good step; the next save after a good step happens as usual.
+            kept = list_checkpoints(checkpoint_dir)
+            logger.warning(
+                "step %d: no checkpoint after %d skipped non-finite step(s) in a row; the newest stays %s",
+                step, nonfinite["consecutive_nonfinite_steps"], kept[-1][1] if kept else "none",
+            )
+            return
+        check_finite(f"checkpoint of step {step}", step)
         accelerator.wait_for_everyone()
         final = os.path.join(checkpoint_dir, f"checkpoint-{step}")
         tmp = final + ".tmp"
         if accelerator.is_main_process:
             os.makedirs(checkpoint_dir, exist_ok=True)
+            remove_leftovers(checkpoint_dir)
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(tmp)
-        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(tmp)
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                if ema is not None:
+                    save_ema(ema, trainable_names, os.path.join(tmp, EMA_FILE))
+                with open(os.path.join(tmp, LOOP_STATE_FILE), "w", encoding="utf-8") as f:
+                    json.dump({"step": step, **nonfinite}, f)
+                write_manifest(tmp, step)  # last: a folder with a valid manifest is complete
+        except Exception as e:
+            if accelerator.is_main_process:
+                raise abandon_failed_save(e, tmp, final) from e
+            raise
         if accelerator.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
+            if os.path.isdir(final):  # a replayed step after a resume: never half-delete under the valid name
+                remove_checkpoint(final)
             os.replace(tmp, final)
-            if config.checkpoints_total_limit:
-                for _, old in list_checkpoints(checkpoint_dir)[: -config.checkpoints_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(checkpoint_dir, config.checkpoints_total_limit)
         accelerator.wait_for_everyone()
 
     def with_ema_weights(fn: Callable, *args):
@@ -355,6 +426,7 @@ def run_training(
     last_loss = float("nan")
     tic, window_start_step = time.perf_counter(), global_step
     window = LogWindow()
+    nonfinite_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # over the accumulated micro-steps
     epoch = global_step // steps_per_epoch
     while global_step < config.max_train_steps:
         dataloader.set_epoch(epoch)
@@ -365,31 +437,57 @@ def run_training(
             with accelerator.accumulate(model):
                 loss, logs = loss_fn(model, batch)
                 accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
+                grad_norm, step_ok = None, True
+                if accelerator.sync_gradients:
+                    # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
+                    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    step_ok, why = finite_step(accelerator, nonfinite_loss, grad_norm)
+                    nonfinite_loss.zero_()
+                if step_ok:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if ema is not None:
-                ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+            if step_ok:
+                nonfinite["consecutive_nonfinite_steps"] = 0
+                if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
+                    ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+            else:
+                nonfinite["nonfinite_steps"] += 1
+                nonfinite["consecutive_nonfinite_steps"] += 1
+                logger.warning(
+                    "step %d: %s; skipped (no optimizer, lr or EMA update), %d in a row",
+                    global_step, why, nonfinite["consecutive_nonfinite_steps"],
+                )
             last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-            window.add({"loss": last_loss, **logs})
+            if step_ok:  # a skipped step's NaN/inf would poison the window's means; it is counted instead
+                window.add({"loss": last_loss, **logs})
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}")
-            if global_step % config.log_every == 0 or global_step == config.max_train_steps:
+            if global_step % config.log_every == 0 or global_step == config.max_train_steps or not step_ok:
                 elapsed = time.perf_counter() - tic
                 row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
+                row["nonfinite_steps"] = nonfinite["nonfinite_steps"]
                 row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
                 tic, window_start_step = time.perf_counter(), global_step
                 log.append(row)
                 if report_to:
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+            if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
+                accelerator.end_training()
+                kept = list_checkpoints(checkpoint_dir)
+                raise NonFiniteLossError(
+                    f"step {global_step}: {nonfinite['consecutive_nonfinite_steps']} consecutive steps with a "
+                    f"non-finite loss or gradient norm ({why}); stopping (max_consecutive_nonfinite_steps="
+                    f"{config.max_consecutive_nonfinite_steps}). Nothing was saved from them; last checkpoint: "
+                    f"{kept[-1][1] if kept else 'none'}. Lower the learning rate, set max_grad_norm, or check the data."
+                )
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 save_checkpoint(global_step)
             if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
@@ -409,7 +507,24 @@ def run_training(
         if sample_fn and (not config.validation_steps or global_step % config.validation_steps != 0):
             with_ema_weights(sample_fn, global_step)
         if export_fn:
-            with_ema_weights(export_fn, export_dir)
+            def checked_export(base, folder):
+                check_finite("exported pipeline", global_step)  # the EMA weights are swapped in here
+                export_fn(base, folder)
+
+            with_ema_weights(checked_export, export_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"global_step": global_step, "loss": last_loss, "export_dir": export_dir, "log": log.read()}
+    return {"global_step": global_step, "loss": last_loss, "export_dir": export_dir, "log": log.read(), **nonfinite}
+
+
+def finite_step(accelerator: Accelerator, nonfinite_loss: torch.Tensor, grad_norm) -> tuple[bool, str]:
+    """Whether the optimizer may step: the loss of every accumulated micro-batch on every process, and the
+    gradient norm, are finite. With fp16's grad scaler an inf gradient norm is the scaler's business (it skips the
+    step itself and lowers the scale). Returns (ok, what was not finite)."""
+    grad_bad = grad_norm is not None and not math.isfinite(float(grad_norm))
+    if grad_bad and accelerator.scaler is not None:
+        grad_bad = False
+    flags = torch.stack([nonfinite_loss.float(), torch.tensor(float(grad_bad), device=nonfinite_loss.device)])
+    loss_bad, grad_bad = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
+    why = " and ".join(w for w, bad in (("non-finite loss", loss_bad), ("non-finite gradient norm", grad_bad)) if bad)
+    return not (loss_bad or grad_bad), why

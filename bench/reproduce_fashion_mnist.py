@@ -207,6 +207,7 @@ def main(argv=None):
     p.add_argument("--sample-batch-size", type=int, default=2500)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--classifier", default=None, help="feature classifier folder (trained there if missing)")
+    p.add_argument("--classifier-steps", type=int, default=4000)
     args = p.parse_args(argv)
     if args.steps != args.eval_steps[-1] or any(s % args.eval_steps[0] for s in args.eval_steps):
         p.error("--eval-steps must be multiples of the first one and end at --steps")
@@ -221,13 +222,15 @@ def main(argv=None):
         os.replace(results_path + ".tmp", results_path)
 
     from dfm_diffusers.evaluation import Reference, load_or_train_classifier, score_images
+    from dfm_diffusers.evaluation.classifier import ClassifierTrainingConfig
     from dfm_diffusers.evaluation.data import dataset_images
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runs = [(a, s) for a in args.arms for s in args.seeds]
     # the classifier first (alone on the GPU), then all runs in parallel
     classifier_dir = args.classifier or os.path.join(args.out, "classifier")
-    classifier = load_or_train_classifier(classifier_dir, device=device, data_dir=args.data_dir)
+    classifier = load_or_train_classifier(classifier_dir, device=device, data_dir=args.data_dir,
+                                          config=ClassifierTrainingConfig(steps=args.classifier_steps))
     results["classifier"] = {k: v for k, v in classifier.record.items() if not isinstance(v, dict)}
     results.setdefault("training", []).append(train_all(args, runs))
     results["settings"] = {"arms": {a: ARMS[a] for a in args.arms}, "seeds": args.seeds, "steps": args.steps,

@@ -259,7 +259,7 @@ def main(argv=None):
                 continue
             pipe = pipe or load_pipe(args, arm, args.seeds[0], args.eval_steps[-1])
             images, labels = sample(args, pipe, sampler, 1.0, args.seeds[0], args.sweep_samples)
-            sweep[name] = score_images(images, labels, val_ref, classifier, swd_kwargs={"device": device})["fd"]
+            sweep[name] = score_images(images, labels, val_ref, classifier)["fd"]
             print(f"sweep {arm} {name}: validation FD {sweep[name]:.4f}", flush=True)
             save()
         chosen[arm] = min(sweep, key=sweep.get)

@@ -231,6 +231,20 @@ def test_classifier_save_load_round_trip_and_refusals(tiny_classifier_dir):
         load_feature_classifier(path.parent / "missing")
 
 
+def test_train_classifier_command_records_accuracy_and_enforces_the_bar(tmp_path):
+    args = ["train-classifier", "--out", str(tmp_path / "c"), "--steps", "3", "--batch-size", "8", "--widths", "4",
+            "8", "--blocks-per-stage", "1", "--max-samples", "32", "--resolution", "16", "--device", "cpu"]
+    with pytest.raises(ValueError, match="reaches only .* test accuracy"):  # 3 steps cannot reach 90%
+        evaluation_main(args)
+    record = json.loads((tmp_path / "c" / "classifier.json").read_text())  # saved all the same, honestly labelled
+    model = load_feature_classifier(tmp_path / "c")
+    images, labels = dataset_images("fashion_mnist", "test", 16, max_samples=32)
+    assert record["test_accuracy"] == classifier_accuracy(model, images, labels) < 0.9
+    assert record["training"]["steps"] == 3 and record["dataset"]["test_images"] == 32
+    assert record["fd_train_vs_test"] > 0
+    assert evaluation_main(args + ["--min-test-accuracy", "0"])["test_accuracy"] == record["test_accuracy"]
+
+
 # ------------------------------------------------------------------------------------ Inception FID / DINOv2 FD
 
 
@@ -332,7 +346,7 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
     result = evaluation_main([
         "score", str(samples_path), "--classifier", str(classifier_dir), "--reference", "fashion_mnist",
         "--split", "test", "--max-reference", "48", "--swd-min-resolution", "8", "--swd-patches-per-image", "8",
-        "--out", str(out), "--device", "cpu",
+        "--out", str(out), "--device", "cpu", "--min-classifier-accuracy", "0.4",
     ])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     reference_images, _ = dataset_images("fashion_mnist", "test", 16, max_samples=48)
@@ -345,8 +359,12 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
     assert result["classifier_test_accuracy"] == 0.5 and result["sample_metadata"]["seed"] == 1
     # an .npz reference: the samples against themselves
     self_score = evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
-                                  str(samples_path), "--swd-min-resolution", "8", "--device", "cpu"])
+                                  str(samples_path), "--swd-min-resolution", "8", "--device", "cpu",
+                                  "--min-classifier-accuracy", "0"])
     assert abs(self_score["fd"]) < 1e-6 and self_score["precision"] == 1.0 and self_score["swd"]["mean"] == 0.0
     with pytest.raises(MissingWeightsError):  # --dinov2-fd without a model: an error, never a fallback
         evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
-                         str(samples_path), "--dinov2-fd", "--device", "cpu"])
+                         str(samples_path), "--dinov2-fd", "--device", "cpu", "--min-classifier-accuracy", "0"])
+    with pytest.raises(ValueError, match="test accuracy 0.5000 < 0.9"):  # the default bar for a feature space
+        evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
+                         str(samples_path), "--device", "cpu"])

@@ -38,7 +38,11 @@ def _train_classifier(args) -> dict:
                                       seed=args.seed, widths=args.widths, blocks_per_stage=args.blocks_per_stage)
     model = train_classifier_on_dataset(args.out, args.dataset, args.resolution, args.data_dir, _device(args.device),
                                         config, args.max_samples)
-    return {"out": args.out, "test_accuracy": model.record["test_accuracy"]}
+    accuracy = model.record["test_accuracy"]
+    if accuracy < args.min_test_accuracy:
+        raise ValueError(f"the classifier saved to {args.out} reaches only {accuracy:.4f} test accuracy "
+                         f"(< {args.min_test_accuracy}): train longer (--steps) or wider (--widths)")
+    return {"out": args.out, "test_accuracy": accuracy}
 
 
 def _sample(args) -> dict:
@@ -69,7 +73,7 @@ def _score(args) -> dict:
     from .scoring import Reference, score_images
 
     device = _device(args.device)
-    classifier = load_feature_classifier(args.classifier, device)
+    classifier = load_feature_classifier(args.classifier, device, min_test_accuracy=args.min_classifier_accuracy)
     images, labels, metadata = load_samples(args.samples)
     if args.reference.endswith(".npz"):
         ref_images, ref_labels, _ = load_samples(args.reference)
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-per-stage", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None, help="first N images of each split (quick tests)")
+    p.add_argument("--min-test-accuracy", type=float, default=0.9,
+                   help="exit with an error (the classifier is still saved) below this test accuracy")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.set_defaults(func=_train_classifier)
 
@@ -130,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score an .npz of samples against a data set split or another .npz")
     p.add_argument("samples", help=".npz written by `sample` (or any .npz of uint8 images)")
     p.add_argument("--classifier", required=True, help="folder written by train-classifier")
+    p.add_argument("--min-classifier-accuracy", type=float, default=0.9,
+                   help="refuse a classifier whose recorded test accuracy is lower")
     p.add_argument("--reference", default="fashion_mnist", help="an .npz, or a data source ('fashion_mnist', ...)")
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir", default=None)

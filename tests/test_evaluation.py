@@ -19,6 +19,7 @@ from dfm_diffusers.evaluation import (
     MissingWeightsError,
     Reference,
     classifier_accuracy,
+    classifier_fingerprint,
     dataset_images,
     dinov2_frechet_distance,
     extract_features,
@@ -342,13 +343,19 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
     assert metadata["guidance_scale"] == 1.5 and metadata["steps_per_stage"] == [2, 2]
     assert metadata["stage_thresholds"] == [0.4] and metadata["seed"] == 1
 
-    out = tmp_path / "scores.json"
-    result = evaluation_main([
+    out, cache = tmp_path / "scores.json", tmp_path / "reference.npz"
+    score_args = [
         "score", str(samples_path), "--classifier", str(classifier_dir), "--reference", "fashion_mnist",
         "--split", "test", "--max-reference", "48", "--swd-min-resolution", "8", "--swd-patches-per-image", "8",
-        "--out", str(out), "--device", "cpu", "--min-classifier-accuracy", "0.4",
-    ])
+        "--out", str(out), "--device", "cpu", "--min-classifier-accuracy", "0.4", "--reference-cache", str(cache),
+    ]
+    result = evaluation_main(score_args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    cached = Reference.load(cache)
+    assert cached.images.shape == (48, 16, 16, 1) and cached.classifier_id == classifier_fingerprint(classifier)
+    np.savez(cache, **{**dict(np.load(cache)), "features": np.zeros_like(cached.features.numpy())})
+    with pytest.raises(ValueError, match="from another classifier"):  # features of other weights are refused
+        score_images(images, labels, Reference.build(images, labels, FeatureClassifier(1, 10, [4], 1)), classifier)
     reference_images, _ = dataset_images("fashion_mnist", "test", 16, max_samples=48)
     expected = score_images(images, labels, Reference.build(reference_images, None, classifier), classifier,
                             swd_kwargs=dict(min_resolution=8, patches_per_image=8))
@@ -357,6 +364,7 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
     assert list(result["swd"]["levels"]) == ["16", "8"] and result["swd"] == expected["swd"]
     assert result["fd"] > 0 and result["num_samples"] == 24 and result["num_reference"] == 48
     assert result["classifier_test_accuracy"] == 0.5 and result["sample_metadata"]["seed"] == 1
+    assert evaluation_main(score_args)["fd"] != result["fd"]  # the (tampered) cache was used, not rebuilt
     # an .npz reference: the samples against themselves
     self_score = evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
                                   str(samples_path), "--swd-min-resolution", "8", "--device", "cpu",

@@ -76,13 +76,20 @@ def _score(args) -> dict:
     classifier = load_feature_classifier(args.classifier, device, min_test_accuracy=args.min_classifier_accuracy)
     images, labels, metadata = load_samples(args.samples)
     if args.reference.endswith(".npz"):
-        ref_images, ref_labels, _ = load_samples(args.reference)
         name = os.path.abspath(args.reference)
+
+        def reference_images():
+            return load_samples(args.reference)[:2]
     else:
-        ref_images, ref_labels = dataset_images(args.reference, args.split, images.shape[1], args.data_dir,
-                                                args.max_reference, progress=True)
-        name = f"{args.reference}:{args.split}"
-    reference = Reference.build(ref_images, ref_labels, classifier, k=args.k, name=name)
+        name = f"{args.reference}:{args.split}:{images.shape[1]}px:first-{args.max_reference}"
+
+        def reference_images():
+            return dataset_images(args.reference, args.split, images.shape[1], args.data_dir, args.max_reference,
+                                  progress=True)
+    if args.reference_cache:
+        reference = Reference.cached(args.reference_cache, reference_images, classifier, k=args.k, name=name)
+    else:
+        reference = Reference.build(*reference_images(), classifier, k=args.k, name=name)
     result = score_images(
         images, labels, reference, classifier, swd_seed=args.seed, device=device,
         inception_weights=args.inception_fid, dinov2=args.dinov2_fd,
@@ -142,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-reference", type=int, default=None, help="first N images of the reference split")
+    p.add_argument("--reference-cache", default=None,
+                   help=".npz caching the reference's images and features (rebuilt if made with another classifier)")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
     p.add_argument("--swd-patches-per-image", type=int, default=128)
     p.add_argument("--swd-min-resolution", type=int, default=16,

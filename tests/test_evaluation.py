@@ -322,6 +322,10 @@ def test_sample_pipeline_is_balanced_seeded_per_sample_and_8bit(tiny_pipeline_di
 
     out = pipe(class_labels=labels[:5], generator=sample_generators(3, range(5)), output_type="np").images
     assert np.abs(quantize_to_uint8(out).astype(int) - images[:5].astype(int)).max() <= 1
+    bf16, _ = sample_pipeline(pipe, 5, seed=3, autocast_dtype="bf16", progress=False)  # autocast: close, not equal
+    assert 0 < np.abs(bf16.astype(int) - images[:5].astype(int)).mean() < 8
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        sample_pipeline(pipe, 5, autocast_dtype="int8", progress=False)
     guided, _ = sample_pipeline(pipe, 5, seed=3, guidance_scale=3.0, steps_per_stage=[3, 2],
                                 stage_thresholds=[0.5], progress=False)
     assert np.abs(guided.astype(int) - images[:5].astype(int)).mean() > 1

@@ -57,9 +57,10 @@ class Reference:
 
     def save(self, path: str | os.PathLike) -> None:
         """Cache to an .npz (images, labels, features, radii and the classifier's fingerprint)."""
-        np.savez(path, images=self.images, labels=self.labels if self.labels is not None else np.zeros(0),
-                 features=self.features.numpy(), radii=self.radii.numpy(), k=self.k, name=np.array(self.name),
-                 classifier_id=np.array(self.classifier_id))
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to another suffix
+            np.savez(f, images=self.images, labels=self.labels if self.labels is not None else np.zeros(0),
+                     features=self.features.numpy(), radii=self.radii.numpy(), k=self.k, name=np.array(self.name),
+                     classifier_id=np.array(self.classifier_id))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Reference":

@@ -362,7 +362,7 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
         score_images(images, labels, Reference.build(images, labels, FeatureClassifier(1, 10, [4], 1)), classifier)
     reference_images, _ = dataset_images("fashion_mnist", "test", 16, max_samples=48)
     expected = score_images(images, labels, Reference.build(reference_images, None, classifier), classifier,
-                            swd_kwargs=dict(min_resolution=8, patches_per_image=8))
+                            swd_kwargs=dict(min_resolution=8, patches_per_image=8, device="cpu"))
     for key in ("fd", "precision", "recall", "class_agreement"):
         assert math.isclose(result[key], expected[key], rel_tol=1e-5, abs_tol=1e-9), key
     assert list(result["swd"]["levels"]) == ["16", "8"] and result["swd"] == expected["swd"]

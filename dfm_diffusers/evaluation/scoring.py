@@ -97,6 +97,8 @@ def score_images(
 ) -> dict:
     """All metrics of uint8 samples [N, H, W, C] against a reference (a :class:`Reference`, or uint8 images).
 
+    ``swd_kwargs`` go to :func:`sliced_wasserstein_distance` (they override ``swd_seed`` / ``device``).
+
     Returns a JSON-able dict: ``fd`` (Frechet distance in the classifier's penultimate features), ``swd``
     (``{"levels": {resolution: SWD x 1e3}, "mean": ...}``, finest level first), ``precision`` / ``recall``
     (k-NN, k = reference.k), ``class_agreement`` (classifier accuracy on the samples vs their labels; None
@@ -121,8 +123,8 @@ def score_images(
         "num_reference": len(reference.images),
         "reference": reference.name,
         "fd": frechet_distance_from_statistics(mean, cov, reference.mean, reference.cov),
-        "swd": sliced_wasserstein_distance(images, reference.images, seed=swd_seed, device=device,
-                                           **(swd_kwargs or {})),
+        "swd": sliced_wasserstein_distance(images, reference.images,
+                                           **{"seed": swd_seed, "device": device, **(swd_kwargs or {})}),
         **precision_recall(reference.features.to(device), features.to(device), k=reference.k,
                            real_radii=reference.radii.to(device)),
         "class_agreement": None,

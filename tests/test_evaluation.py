@@ -19,6 +19,7 @@ from dfm_diffusers.evaluation import (
     MissingWeightsError,
     Reference,
     classifier_accuracy,
+    classifier_fingerprint,
     dataset_images,
     dinov2_frechet_distance,
     extract_features,
@@ -231,6 +232,20 @@ def test_classifier_save_load_round_trip_and_refusals(tiny_classifier_dir):
         load_feature_classifier(path.parent / "missing")
 
 
+def test_train_classifier_command_records_accuracy_and_enforces_the_bar(tmp_path):
+    args = ["train-classifier", "--out", str(tmp_path / "c"), "--steps", "3", "--batch-size", "8", "--widths", "4",
+            "8", "--blocks-per-stage", "1", "--max-samples", "32", "--resolution", "16", "--device", "cpu"]
+    with pytest.raises(ValueError, match="reaches only .* test accuracy"):  # 3 steps cannot reach 90%
+        evaluation_main(args)
+    record = json.loads((tmp_path / "c" / "classifier.json").read_text())  # saved all the same, honestly labelled
+    model = load_feature_classifier(tmp_path / "c")
+    images, labels = dataset_images("fashion_mnist", "test", 16, max_samples=32)
+    assert record["test_accuracy"] == classifier_accuracy(model, images, labels) < 0.9
+    assert record["training"]["steps"] == 3 and record["dataset"]["test_images"] == 32
+    assert record["fd_train_vs_test"] > 0
+    assert evaluation_main(args + ["--min-test-accuracy", "0"])["test_accuracy"] == record["test_accuracy"]
+
+
 # ------------------------------------------------------------------------------------ Inception FID / DINOv2 FD
 
 
@@ -307,6 +322,10 @@ def test_sample_pipeline_is_balanced_seeded_per_sample_and_8bit(tiny_pipeline_di
 
     out = pipe(class_labels=labels[:5], generator=sample_generators(3, range(5)), output_type="np").images
     assert np.abs(quantize_to_uint8(out).astype(int) - images[:5].astype(int)).max() <= 1
+    bf16, _ = sample_pipeline(pipe, 5, seed=3, autocast_dtype="bf16", progress=False)  # autocast: close, not equal
+    assert 0 < np.abs(bf16.astype(int) - images[:5].astype(int)).mean() < 8
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        sample_pipeline(pipe, 5, autocast_dtype="int8", progress=False)
     guided, _ = sample_pipeline(pipe, 5, seed=3, guidance_scale=3.0, steps_per_stage=[3, 2],
                                 stage_thresholds=[0.5], progress=False)
     assert np.abs(guided.astype(int) - images[:5].astype(int)).mean() > 1
@@ -328,25 +347,36 @@ def test_sample_and_score_commands_end_to_end(tiny_pipeline_dir, tiny_classifier
     assert metadata["guidance_scale"] == 1.5 and metadata["steps_per_stage"] == [2, 2]
     assert metadata["stage_thresholds"] == [0.4] and metadata["seed"] == 1
 
-    out = tmp_path / "scores.json"
-    result = evaluation_main([
+    out, cache = tmp_path / "scores.json", tmp_path / "reference.npz"
+    score_args = [
         "score", str(samples_path), "--classifier", str(classifier_dir), "--reference", "fashion_mnist",
         "--split", "test", "--max-reference", "48", "--swd-min-resolution", "8", "--swd-patches-per-image", "8",
-        "--out", str(out), "--device", "cpu",
-    ])
+        "--out", str(out), "--device", "cpu", "--min-classifier-accuracy", "0.4", "--reference-cache", str(cache),
+    ]
+    result = evaluation_main(score_args)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    cached = Reference.load(cache)
+    assert cached.images.shape == (48, 16, 16, 1) and cached.classifier_id == classifier_fingerprint(classifier)
+    np.savez(cache, **{**dict(np.load(cache)), "features": np.zeros_like(cached.features.numpy())})
+    with pytest.raises(ValueError, match="from another classifier"):  # features of other weights are refused
+        score_images(images, labels, Reference.build(images, labels, FeatureClassifier(1, 10, [4], 1)), classifier)
     reference_images, _ = dataset_images("fashion_mnist", "test", 16, max_samples=48)
     expected = score_images(images, labels, Reference.build(reference_images, None, classifier), classifier,
-                            swd_kwargs=dict(min_resolution=8, patches_per_image=8))
+                            swd_kwargs=dict(min_resolution=8, patches_per_image=8, device="cpu"))
     for key in ("fd", "precision", "recall", "class_agreement"):
         assert math.isclose(result[key], expected[key], rel_tol=1e-5, abs_tol=1e-9), key
     assert list(result["swd"]["levels"]) == ["16", "8"] and result["swd"] == expected["swd"]
     assert result["fd"] > 0 and result["num_samples"] == 24 and result["num_reference"] == 48
     assert result["classifier_test_accuracy"] == 0.5 and result["sample_metadata"]["seed"] == 1
+    assert evaluation_main(score_args)["fd"] != result["fd"]  # the (tampered) cache was used, not rebuilt
     # an .npz reference: the samples against themselves
     self_score = evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
-                                  str(samples_path), "--swd-min-resolution", "8", "--device", "cpu"])
+                                  str(samples_path), "--swd-min-resolution", "8", "--device", "cpu",
+                                  "--min-classifier-accuracy", "0"])
     assert abs(self_score["fd"]) < 1e-6 and self_score["precision"] == 1.0 and self_score["swd"]["mean"] == 0.0
     with pytest.raises(MissingWeightsError):  # --dinov2-fd without a model: an error, never a fallback
         evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
-                         str(samples_path), "--dinov2-fd", "--device", "cpu"])
+                         str(samples_path), "--dinov2-fd", "--device", "cpu", "--min-classifier-accuracy", "0"])
+    with pytest.raises(ValueError, match="test accuracy 0.5000 < 0.9"):  # the default bar for a feature space
+        evaluation_main(["score", str(samples_path), "--classifier", str(classifier_dir), "--reference",
+                         str(samples_path), "--device", "cpu"])

@@ -33,7 +33,7 @@ from .metrics import (
 )
 from .pretrained import MissingWeightsError, dinov2_frechet_distance, inception_fid
 from .sampling import sample_pipeline
-from .scoring import Reference, score_images
+from .scoring import Reference, classifier_fingerprint, score_images
 
 __all__ = [
     "ClassifierTrainingConfig",
@@ -42,6 +42,7 @@ __all__ = [
     "Reference",
     "balanced_labels",
     "classifier_accuracy",
+    "classifier_fingerprint",
     "dataset_images",
     "dinov2_frechet_distance",
     "extract_features",

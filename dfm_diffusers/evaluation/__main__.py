@@ -38,7 +38,11 @@ def _train_classifier(args) -> dict:
                                       seed=args.seed, widths=args.widths, blocks_per_stage=args.blocks_per_stage)
     model = train_classifier_on_dataset(args.out, args.dataset, args.resolution, args.data_dir, _device(args.device),
                                         config, args.max_samples)
-    return {"out": args.out, "test_accuracy": model.record["test_accuracy"]}
+    accuracy = model.record["test_accuracy"]
+    if accuracy < args.min_test_accuracy:
+        raise ValueError(f"the classifier saved to {args.out} reaches only {accuracy:.4f} test accuracy "
+                         f"(< {args.min_test_accuracy}): train longer (--steps) or wider (--widths)")
+    return {"out": args.out, "test_accuracy": accuracy}
 
 
 def _sample(args) -> dict:
@@ -69,16 +73,23 @@ def _score(args) -> dict:
     from .scoring import Reference, score_images
 
     device = _device(args.device)
-    classifier = load_feature_classifier(args.classifier, device)
+    classifier = load_feature_classifier(args.classifier, device, min_test_accuracy=args.min_classifier_accuracy)
     images, labels, metadata = load_samples(args.samples)
     if args.reference.endswith(".npz"):
-        ref_images, ref_labels, _ = load_samples(args.reference)
         name = os.path.abspath(args.reference)
+
+        def reference_images():
+            return load_samples(args.reference)[:2]
     else:
-        ref_images, ref_labels = dataset_images(args.reference, args.split, images.shape[1], args.data_dir,
-                                                args.max_reference, progress=True)
-        name = f"{args.reference}:{args.split}"
-    reference = Reference.build(ref_images, ref_labels, classifier, k=args.k, name=name)
+        name = f"{args.reference}:{args.split}:{images.shape[1]}px:first-{args.max_reference}"
+
+        def reference_images():
+            return dataset_images(args.reference, args.split, images.shape[1], args.data_dir, args.max_reference,
+                                  progress=True)
+    if args.reference_cache:
+        reference = Reference.cached(args.reference_cache, reference_images, classifier, k=args.k, name=name)
+    else:
+        reference = Reference.build(*reference_images(), classifier, k=args.k, name=name)
     result = score_images(
         images, labels, reference, classifier, swd_seed=args.seed, device=device,
         inception_weights=args.inception_fid, dinov2=args.dinov2_fd,
@@ -111,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks-per-stage", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-samples", type=int, default=None, help="first N images of each split (quick tests)")
+    p.add_argument("--min-test-accuracy", type=float, default=0.9,
+                   help="exit with an error (the classifier is still saved) below this test accuracy")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.set_defaults(func=_train_classifier)
 
@@ -130,10 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="score an .npz of samples against a data set split or another .npz")
     p.add_argument("samples", help=".npz written by `sample` (or any .npz of uint8 images)")
     p.add_argument("--classifier", required=True, help="folder written by train-classifier")
+    p.add_argument("--min-classifier-accuracy", type=float, default=0.9,
+                   help="refuse a classifier whose recorded test accuracy is lower")
     p.add_argument("--reference", default="fashion_mnist", help="an .npz, or a data source ('fashion_mnist', ...)")
     p.add_argument("--split", default="test")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-reference", type=int, default=None, help="first N images of the reference split")
+    p.add_argument("--reference-cache", default=None,
+                   help=".npz caching the reference's images and features (rebuilt if made with another classifier)")
     p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall manifolds")
     p.add_argument("--swd-patches-per-image", type=int, default=128)
     p.add_argument("--swd-min-resolution", type=int, default=16,

@@ -43,7 +43,8 @@ def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    np.savez(path, images=images, labels=np.asarray(labels, dtype=np.int64), metadata=np.array(json.dumps(metadata)))
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to another suffix
+        np.savez(f, images=images, labels=np.asarray(labels, dtype=np.int64), metadata=np.array(json.dumps(metadata)))
 
 
 def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, dict]:

@@ -6,8 +6,6 @@ Conventions: images are uint8 [N, H, W, C] (8-bit quantized, like stored real im
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
@@ -240,16 +238,3 @@ def precision_recall(
         "precision": _coverage(fake, real, real_radii.to(real.device), batch_size),
         "recall": _coverage(real, fake, fake_radii, batch_size),
     }
-
-
-__all__: Sequence[str] = (
-    "quantize_to_uint8",
-    "uint8_to_tensor",
-    "gaussian_statistics",
-    "frechet_distance_from_statistics",
-    "frechet_distance",
-    "swd_levels",
-    "sliced_wasserstein_distance",
-    "knn_radii",
-    "precision_recall",
-)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -18,12 +19,22 @@ from .metrics import (
 )
 
 
+def classifier_fingerprint(classifier: FeatureClassifier) -> str:
+    """A short hash of the classifier's weights: cached features are valid only for the same weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 @dataclass
 class Reference:
     """A reference image set with its features in one classifier's space, computed once and reused.
 
     images: uint8 [N, H, W, C]; labels: [N] or None; features: [N, D]; mean/cov: their Gaussian statistics;
-    radii: k-NN radii (k = ``k``) for precision/recall.
+    radii: k-NN radii (k = ``k``) for precision/recall; classifier_id: :func:`classifier_fingerprint` of the
+    classifier the features come from.
     """
 
     images: np.ndarray
@@ -34,18 +45,22 @@ class Reference:
     radii: torch.Tensor
     k: int = 3
     name: str = ""
+    classifier_id: str = ""
 
     @classmethod
     def build(cls, images: np.ndarray, labels, classifier: FeatureClassifier, k: int = 3, name: str = ""):
         features = extract_features(classifier, images)
         mean, cov = gaussian_statistics(features)
+        radii = knn_radii(features.to(next(classifier.parameters()).device), k).cpu()
         return cls(np.asarray(images), None if labels is None else np.asarray(labels), features, mean, cov,
-                   knn_radii(features, k), k, name)
+                   radii, k, name, classifier_fingerprint(classifier))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Cache to an .npz (the features belong to the classifier they were computed with)."""
-        np.savez(path, images=self.images, labels=self.labels if self.labels is not None else np.zeros(0),
-                 features=self.features.numpy(), radii=self.radii.numpy(), k=self.k, name=np.array(self.name))
+        """Cache to an .npz (images, labels, features, radii and the classifier's fingerprint)."""
+        with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to another suffix
+            np.savez(f, images=self.images, labels=self.labels if self.labels is not None else np.zeros(0),
+                     features=self.features.numpy(), radii=self.radii.numpy(), k=self.k, name=np.array(self.name),
+                     classifier_id=np.array(self.classifier_id))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Reference":
@@ -54,7 +69,19 @@ class Reference:
             mean, cov = gaussian_statistics(features)
             labels = data["labels"] if data["labels"].size else None
             return cls(data["images"], labels, features, mean, cov, torch.from_numpy(data["radii"]),
-                       int(data["k"]), str(data["name"]))
+                       int(data["k"]), str(data["name"]), str(data["classifier_id"]))
+
+    @classmethod
+    def cached(cls, path: str | os.PathLike, images_fn, classifier: FeatureClassifier, k: int = 3, name: str = ""):
+        """The reference cached at ``path`` if it was made with this classifier, k and name; else build it from
+        ``images_fn() -> (uint8 images, labels)`` and cache it there."""
+        if os.path.isfile(path):
+            reference = cls.load(path)
+            if (reference.classifier_id, reference.k, reference.name) == (classifier_fingerprint(classifier), k, name):
+                return reference
+        reference = cls.build(*images_fn(), classifier, k=k, name=name)
+        reference.save(path)
+        return reference
 
 
 def score_images(
@@ -70,6 +97,8 @@ def score_images(
 ) -> dict:
     """All metrics of uint8 samples [N, H, W, C] against a reference (a :class:`Reference`, or uint8 images).
 
+    ``swd_kwargs`` go to :func:`sliced_wasserstein_distance` (they override ``swd_seed`` / ``device``).
+
     Returns a JSON-able dict: ``fd`` (Frechet distance in the classifier's penultimate features), ``swd``
     (``{"levels": {resolution: SWD x 1e3}, "mean": ...}``, finest level first), ``precision`` / ``recall``
     (k-NN, k = reference.k), ``class_agreement`` (classifier accuracy on the samples vs their labels; None
@@ -81,6 +110,8 @@ def score_images(
                          f"{images.dtype} {images.shape}")
     if not isinstance(reference, Reference):
         reference = Reference.build(np.asarray(reference), None, classifier)
+    elif reference.classifier_id and reference.classifier_id != classifier_fingerprint(classifier):
+        raise ValueError("the reference's features come from another classifier: rebuild it (Reference.build)")
     if images.shape[1:] != reference.images.shape[1:]:
         raise ValueError(f"samples {images.shape[1:]} and reference {reference.images.shape[1:]} differ in shape")
     if device is None:
@@ -92,8 +123,8 @@ def score_images(
         "num_reference": len(reference.images),
         "reference": reference.name,
         "fd": frechet_distance_from_statistics(mean, cov, reference.mean, reference.cov),
-        "swd": sliced_wasserstein_distance(images, reference.images, seed=swd_seed, device=device,
-                                           **(swd_kwargs or {})),
+        "swd": sliced_wasserstein_distance(images, reference.images,
+                                           **{"seed": swd_seed, "device": device, **(swd_kwargs or {})}),
         **precision_recall(reference.features.to(device), features.to(device), k=reference.k,
                            real_radii=reference.radii.to(device)),
         "class_agreement": None,

@@ -167,3 +167,17 @@ class ReplaceUnreadable:
                     when=f"found during training, sample {i} replaced by the next readable one",
                 )
         raise ValueError(f"no readable sample left in {self.bad_samples.source}")
+
+
+def report_bad_samples(dataset) -> str | None:
+    """Print (main process) and return the end-of-run summary of ``dataset.bad_samples``; None for data sets
+    that keep no record (latent shards)."""
+    log = getattr(dataset, "bad_samples", None)
+    if log is None:
+        return None
+    from accelerate import PartialState
+
+    text = f"bad samples: {log.summary()}"
+    if PartialState().is_main_process:
+        print(text, flush=True)
+    return text

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from accelerate.utils import set_seed
 
+from ..data.bad_samples import report_bad_samples
 from ..decomposition import LaplacianDecomposition
 from ..schedulers import DFMScheduler
 from ..visualize import image_grid, line_plot
@@ -36,6 +37,7 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     center_crop: bool = True
     random_flip: bool = False
     max_samples: int | None = None
+    max_bad_sample_fraction: float = 0.05  # unreadable images are skipped (and counted) up to this fraction
     vae: str | None = None
     vae_subfolder: str | None = None
     # model
@@ -69,6 +71,7 @@ def build_dataset(config: DiTTrainingConfig):
         label_column=config.label_column,
         max_samples=config.max_samples,
         data_dir=config.data_dir,
+        max_bad_fraction=config.max_bad_sample_fraction,
     )
 
 
@@ -206,4 +209,5 @@ def train_dit(config: DiTTrainingConfig) -> dict:
         hparams=flat_hparams(config),
     )
     write_loss_curve(result["log"], os.path.join(config.output_dir, "loss_curve.png"), model.config.num_stages)
+    result["bad_samples"] = report_bad_samples(dataset)
     return result

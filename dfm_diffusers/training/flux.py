@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..data.bad_samples import report_bad_samples
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
 from .config import flat_hparams
@@ -78,6 +79,8 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     random_flip: bool = False
     max_samples: int | None = None
     caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
+    max_bad_sample_fraction: float = 0.05  # unreadable images / rows without a usable caption are skipped up to this
+    allow_empty_captions: bool = False  # keep rows with an empty/null caption as the empty prompt (else skipped)
     # text conditioning
     guidance_scale: float = 1.0  # value fed to FLUX-dev's guidance embedding during training
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev: 512, schnell: 256)
@@ -487,6 +490,7 @@ def build_flux_dataset(config: FluxTrainingConfig):
         config.dataset, resolution=config.resolution, caption_column=config.caption_column,
         image_column=config.image_column, split=config.split, center_crop=config.center_crop,
         random_flip=config.random_flip, max_samples=config.max_samples, data_dir=config.data_dir,
+        max_bad_fraction=config.max_bad_sample_fraction, allow_empty_captions=config.allow_empty_captions,
     )
 
 
@@ -499,6 +503,7 @@ def build_flux_task(config: FluxTrainingConfig):
     info = inspect_pretrained(config)
     config.validate_objective(info["num_stages"])
     dataset = build_flux_dataset(config)
+    set_seed(config.seed)  # the conversion initialises the new stage layers from the global RNG
     pipe = load_dfm_pipeline(config, info)
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
@@ -519,6 +524,7 @@ def train_flux(config: FluxTrainingConfig) -> dict:
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
         title="DFM-FLUX training loss (log10)",
     )
+    result["bad_samples"] = report_bad_samples(dataset)
     result["pipeline"] = task.pipeline(task.transformer)
     result["task"] = task
     return result

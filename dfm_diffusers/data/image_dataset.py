@@ -282,8 +282,16 @@ def image_row_names(ds, image_column: str, source: str) -> Callable[[int], str]:
 
 
 def _infer_channels(get_image, n: int) -> int:
-    """1 if the first images (up to 8) are all grayscale, else 3 (RGB)."""
-    modes = [to_pil(get_image(i)).mode for i in range(min(n, 8))]
+    """1 if the first readable images (up to 8) are all grayscale, else 3 (RGB). Unreadable ones are left to the
+    data set, which replaces and counts them."""
+    modes = []
+    for i in range(n):
+        try:
+            modes.append(to_pil(get_image(i)).mode)
+        except Exception:  # noqa: BLE001 - see ReplaceUnreadable
+            continue
+        if len(modes) == 8:
+            break
     return 1 if modes and all(m in _GRAYSCALE_MODES for m in modes) else 3
 
 
@@ -378,13 +386,14 @@ def build_image_dataset(
         raise ValueError(f"dataset {source!r} (split {split!r}) has no examples")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (inferred), got {channels}")
-    try:  # fail here, with one clear error, rather than inside a DataLoader worker
+    try:
         if channels is None:
             channels = default_channels or _infer_channels(get_image, len(labels))
-        preprocess_image(get_image(0), resolution, channels)
     except (OSError, ValueError) as err:
         raise ValueError(f"dataset {source!r} is unreadable: {err}") from err
-    return ImageDataset(
+    dataset = ImageDataset(
         get_image, labels, num_classes, channels, resolution, center_crop, random_flip, class_names, description,
         bad_samples=bad_samples, sample_names=sample_names,
     )
+    dataset[0]  # a systematic problem fails here, with one clear error, rather than inside a DataLoader worker
+    return dataset

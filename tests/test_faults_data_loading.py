@@ -399,7 +399,15 @@ def test_dit_pipeline_rejects_bad_inputs(kwargs, match):
         kwargs["latents"] = [torch.full((1, 1, 8, 8), float("nan")), torch.randn(1, 1, 16, 16)]
     with pytest.raises(ValueError, match=match):
         pipe(**kwargs, output_type="pt")
-    assert pipe(class_labels=np.array([4, 0]), output_type="pt").images.shape == (2, 1, 16, 16)
+
+
+def test_dit_pipeline_still_takes_integer_labels_of_any_kind():
+    pipe = make_dit_pipe()
+    reference = pipe(class_labels=[4, 0], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    for labels in (np.array([4, 0]), torch.tensor([4, 0], dtype=torch.int32), (np.int64(4), 0)):
+        out = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+    assert pipe(class_labels=3, output_type="pt").images.shape == (1, 1, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------------ reproducibility

@@ -4,8 +4,8 @@ later, counted, and fatal only above a fraction.
 Policy (both trainers):
 
 - When a data set is built, every image is checked: the file exists, is not empty, PIL recognises it and its
-  data is complete (PNG and others: ``Image.verify``, which reads every chunk; JPEG: a draft decode at 1/8 scale,
-  which reads every scan). Rows that fail are dropped from the data set and recorded here, each with a logger
+  data is complete (PNG and others: ``Image.verify``, which reads every chunk; JPEG: the end-of-image marker, or
+  where it is missing a draft decode at 1/8 scale, which reads every scan). Rows that fail are dropped from the data set and recorded here, each with a logger
   warning naming the file.
 - A sample that passes the check but still fails to decode during training is replaced by the next readable
   index (``i + 1, i + 2, ...`` modulo the data set length): the replacement depends only on the index, so a resumed
@@ -104,8 +104,9 @@ def image_problem(path: str | None = None, data: bytes | None = None) -> str | N
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             if image.format == "JPEG":
-                image.draft(image.mode, (1, 1))  # decode at 1/8 scale: cheap, but reads every scan
-                image.load()
+                if _jpeg_tail(path, data) != b"\xff\xd9":  # no end-of-image marker: truncated, or trailing bytes
+                    image.draft(image.mode, (1, 1))  # decode at 1/8 scale: cheap, but reads every scan
+                    image.load()
             else:
                 image.verify()
     except Image.UnidentifiedImageError:
@@ -113,6 +114,14 @@ def image_problem(path: str | None = None, data: bytes | None = None) -> str | N
     except Exception as err:  # PIL raises OSError, SyntaxError, EOFError, struct.error ... for broken files
         return f"unreadable ({type(err).__name__}: {err})"
     return None
+
+
+def _jpeg_tail(path: str | None, data: bytes | None) -> bytes:
+    if data is not None:
+        return bytes(data[-2:])
+    with open(path, "rb") as f:
+        f.seek(-2, os.SEEK_END)
+        return f.read(2)
 
 
 def scan_image_column(ds, column: str, log: BadSampleLog, source: str) -> list[int]:

@@ -201,7 +201,7 @@ def build_captioned_image_dataset(
         raise ValueError(f"image and caption columns are the same column {image_col!r}")
 
     description = f"{source} [{split}]"
-    unlisted = []
+    unlisted = []  # with max_samples the folder is subset on purpose: images beyond it are not "unlisted"
     is_image_folder = os.path.isdir(source) and isinstance(ds.features[image_col], datasets.Image)
     if is_image_folder and max_samples is None and _has_metadata_file(source):
         refs = ds.select_columns([image_col]).cast_column(image_col, datasets.Image(decode=False))[image_col]

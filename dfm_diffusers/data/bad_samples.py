@@ -57,15 +57,16 @@ class BadSampleLog:
     def num_skipped(self) -> int:
         return len(self.skipped)
 
-    def add(self, name: str, reason: str, kept: bool = False, when: str = "") -> None:
-        """Record one problem sample, warn (naming it), and raise once the skipped fraction is too large."""
+    def add(self, name: str, reason: str, kept: bool = False, when: str = "", check: bool = True) -> None:
+        """Record one problem sample, warn (naming it), and (with ``check``) raise once the skipped fraction is too
+        large. Build-time scans pass ``check=False`` and call :meth:`check` at the end, so the error lists them all."""
         self.entries.append(SkippedSample(name, reason, kept))
         action = "kept" if kept else "skipped"
         logger.warning(
             "%s %s: %s (%d of %d samples of %s skipped so far%s)",
             action, name, reason, self.num_skipped, self.total, self.source, f", {when}" if when else "",
         )
-        if not kept:
+        if check and not kept:
             self.check()
 
     def check(self) -> None:
@@ -127,7 +128,7 @@ def _jpeg_tail(path: str | None, data: bytes | None) -> bytes:
 def scan_image_column(ds, column: str, log: BadSampleLog, source: str) -> list[int]:
     """Check every image of a datasets ``Image`` column without decoding it fully; -> the readable row indices.
 
-    Rows that fail are recorded in ``log`` (which raises if too many do). Columns of another type are not
+    Rows that fail are recorded in ``log``; then ValueError if too many did. Columns of another type are not
     checked (all rows returned)."""
     import datasets
 
@@ -146,7 +147,8 @@ def scan_image_column(ds, column: str, log: BadSampleLog, source: str) -> list[i
                 good.append(row)
             else:
                 name = path if path and data is None else (f"{path} (row {row} of {source})" if path else f"row {row} of {source}")
-                log.add(name, problem, when="found when the data set was built")
+                log.add(name, problem, when="found when the data set was built", check=False)
+    log.check()
     return good
 
 

@@ -208,7 +208,7 @@ def build_captioned_image_dataset(
         unlisted = _unlisted_images(source, split, [(ref or {}).get("path") for ref in refs])
     log = BadSampleLog(description, total=len(ds) + len(unlisted), max_fraction=max_bad_fraction)
     for path in unlisted:
-        log.add(path, "no metadata.jsonl row (no caption)", when="found when the data set was built")
+        log.add(path, "no metadata.jsonl row (no caption)", when="found when the data set was built", check=False)
     names = image_row_names(ds, image_col, description)
     good = []
     for row, value in enumerate(ds[caption_col]):
@@ -218,7 +218,7 @@ def build_captioned_image_dataset(
             continue
         keep = allow_empty_captions and problem in ("empty caption", "null caption")
         log.add(names(row), problem + (" (trained as the empty prompt)" if keep else ""), kept=keep,
-                when="found when the data set was built")
+                when="found when the data set was built", check=False)
         if keep:
             good.append(row)
     if len(good) < len(ds):

@@ -336,6 +336,9 @@ def test_missing_or_truncated_weight_file(which, component, fault, dfm_dir, dit_
         match = rf"{weights}: .*(truncated|not a readable safetensors)"
     with pytest.raises(ValueError, match=match):
         cls.from_pretrained(folder)
+    if which == "dit" and fault == "missing":  # a component passed in is not read from the folder
+        pipe = cls.from_pretrained(folder, transformer=make_dit_pipe().transformer)
+        assert isinstance(pipe, DFMDiTPipeline)
 
 
 # ------------------------------------------------------------------------------------------------ calling

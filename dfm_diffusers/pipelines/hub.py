@@ -54,10 +54,11 @@ def _wrong_class_hint(cls, folder: str, class_name) -> str:
     return f"load it with its own pipeline class, or convert it to a {cls.__name__}"
 
 
-def check_pipeline_folder(cls, folder: str) -> None:
+def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> None:
     """ValueError naming the folder or file for a pipeline folder that ``cls`` cannot load completely: no or a bad
     model_index.json, another pipeline class (a FluxPipeline needs converting), or a model component whose weight
-    file is missing or truncated. Checked before anything is loaded."""
+    file is missing or truncated (components in ``passed``, given to from_pretrained, are not checked). Checked
+    before anything is loaded."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         raise ValueError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
@@ -72,7 +73,7 @@ def check_pipeline_folder(cls, folder: str) -> None:
             f"{folder} holds a {class_name}, not a {cls.__name__}: {_wrong_class_hint(cls, folder, class_name)}"
         )
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+        if name.startswith("_") or name in passed or not isinstance(spec, (list, tuple)) or spec[0] is None:
             continue
         sub = os.path.join(folder, name)
         if not os.path.isfile(os.path.join(sub, "config.json")):
@@ -114,7 +115,7 @@ class DFMHubMixin:
             if "token" not in snapshot_kwargs and "use_auth_token" in kwargs:
                 snapshot_kwargs["token"] = kwargs.pop("use_auth_token")
             path = snapshot_download(path, **snapshot_kwargs)
-        check_pipeline_folder(cls, path)
+        check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
 
     def model_card(self, repo_id: str, base_model: str | None = None) -> str:

@@ -2,12 +2,11 @@
 
     accelerate launch train_dfm_dit.py --config examples/configs/dit_b2_imagenet512.yaml [--key value ...]
 
-Every setting is a field of dfm_diffusers.training.dit.DiTTrainingConfig; YAML values first, then overrides.
+Every setting is a field of dfm_diffusers.training.dit.DiTTrainingConfig; YAML values first, then overrides;
+`--help` lists them all. Every bad setting is reported at once, before any data or model is loaded.
 """
 
-import sys
-
-from dfm_diffusers.training.config import parse_cli
+from dfm_diffusers.training.config import parse_cli, run_cli
 from dfm_diffusers.training.dit import DiTTrainingConfig, train_dit
 
 
@@ -18,4 +17,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

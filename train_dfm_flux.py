@@ -5,13 +5,14 @@
 ``pretrained`` is a FluxPipeline (converted to DFM first: stage 0 reuses FLUX's layers, stage 1 starts at zero)
 or a DFMPipeline, as a local folder or Hub id; ``dataset`` an image folder with a metadata.jsonl of captions, a
 saved / local data set or a Hub data set name. ``num_stages: 1`` finetunes plain flow matching with the same code.
-Every setting is a field of dfm_diffusers.training.flux.FluxTrainingConfig; YAML values first, then overrides.
+Every setting is a field of dfm_diffusers.training.flux.FluxTrainingConfig; YAML values first, then overrides;
+`--help` lists them all. Every bad setting is reported at once, before any data or model is loaded.
 The trained pipeline is written to <output_dir>/pipeline (with LoRA: plus pytorch_lora_weights.safetensors,
 loaded with pipe.load_lora_weights(folder)).
 """
 
 
-from dfm_diffusers.training.config import parse_cli
+from dfm_diffusers.training.config import parse_cli, run_cli
 from dfm_diffusers.training.flux import FluxTrainingConfig, train_flux
 
 
@@ -23,4 +24,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

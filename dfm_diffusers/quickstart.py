@@ -4,7 +4,7 @@ Trains a small 2-stage DFM-DiT on Fashion-MNIST at 32x32 (16x16 -> 32x32) with t
 config examples/configs/quickstart_fashion_mnist.yaml, then writes into the output folder:
 - ``samples.png``: final samples, one row per class;
 - ``previews.png``: the coarse-to-fine strip, per class: stage-0 preview (16x16), then the final 32x32 image;
-- ``loss_curve.png``: total loss and per-stage terms;
+- ``loss_curve.png``: total loss and each stage's loss where it is trained (matplotlib);
 - ``pyramid.png`` / ``schedule.png``: a real image (scikit-image wheel) decomposed into a 3-stage pyramid, and
   the default 2-stage sampling schedule;
 - ``pipeline/``: the trained DFMDiTPipeline (EMA weights), loadable with from_pretrained.
@@ -54,8 +54,9 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
     sched = DFMScheduler(num_stages=2)
     sched.set_timesteps()
     sig = sched.sigmas.numpy()
-    line_plot({f"stage {s} sigma": sig[:, s] for s in range(2)}, title="DFM schedule: 30 + 10 steps, threshold 0.1").save(
-        paths["schedule"]
+    line_plot(
+        {f"stage {s} sigma": sig[:, s] for s in range(2)}, paths["schedule"],
+        title="DFM schedule: 30 + 10 steps, threshold 0.1", xlabel="sampling step", ylabel="sigma",
     )
     print(f"pyramid: {[tuple(b.shape[-2:]) for b in bands]}, round-trip max error {error:.2e} -> {paths['pyramid']}")
     print(f"schedule: {sig.shape[0] - 1} steps -> {paths['schedule']}")
@@ -94,7 +95,7 @@ def sample_figures(pipeline_dir: str, output_dir: str, per_class: int = 8) -> di
 
 def main(argv=None):
     from .data.fashion_mnist import FashionMNISTNotFoundError
-    from .training.config import load_config
+    from .training.config import ConfigError, check_config, load_config
     from .training.dit import DiTTrainingConfig, train_dit
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,12 +105,17 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
-    config = load_config(DiTTrainingConfig, args.config, overrides)
-    if torch.cuda.is_available() and not args.cpu:
-        for key, value in GPU_OVERRIDES.items():
-            if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
-                setattr(config, key, value)
-        print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+    try:
+        config = load_config(DiTTrainingConfig, args.config, overrides)
+        if torch.cuda.is_available() and not args.cpu:
+            for key, value in GPU_OVERRIDES.items():
+                if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
+                    setattr(config, key, value)
+            print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+        check_config(config)  # the GPU settings too, before anything is written or loaded
+    except ConfigError as e:
+        print(f"quickstart stopped: {e}", file=sys.stderr)
+        return 2
     os.makedirs(config.output_dir, exist_ok=True)
     pyramid_demo(config.output_dir)
     try:

@@ -1,4 +1,4 @@
-"""Small PIL-only figures: image grids, a decomposition strip, line plots (loss curves, sigma schedules)."""
+"""Figures: image grids (PIL) and line plots (matplotlib: loss curves, sigma schedules)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+from PIL import Image
 
 
 def to_uint8(images: torch.Tensor, value_range=(-1.0, 1.0)) -> np.ndarray:
@@ -35,45 +33,51 @@ def image_grid(rows, size: int | None = None, value_range=(-1.0, 1.0), pad: int 
     return grid
 
 
+def ema_smooth(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: a debiased exponential moving average (weight 0 = none, 0.99 = heavy)."""
+    values = np.asarray(values, dtype=np.float64)
+    out, avg, norm = np.empty_like(values), 0.0, 0.0
+    for i, v in enumerate(values):
+        avg, norm = weight * avg + (1 - weight) * v, weight * norm + (1 - weight)
+        out[i] = avg / norm if norm > 0 else v
+    return out
+
+
 def line_plot(
-    series: dict[str, Sequence[float]],
+    series: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
+    path: str,
     x: Sequence[float] | None = None,
     title: str = "",
-    size: tuple[int, int] = (640, 400),
+    xlabel: str = "",
+    ylabel: str = "",
     logy: bool = False,
-) -> Image.Image:
-    """A plain line plot of named series (PIL only, no matplotlib)."""
-    w, h = size
-    left, right, top, bottom = 60, 20, 30, 40
-    img = Image.new("RGB", size, (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    values = [np.asarray(v, dtype=np.float64) for v in series.values()]
+    smoothing: float = 0.0,
+    size: tuple[int, int] = (640, 400),
+) -> str:
+    """Write a matplotlib line plot of named series to ``path`` (PNG, ``size`` pixels) and return ``path``.
+
+    A series is a list of y values (against ``x``, default 0, 1, ...) or its own ``(xs, ys)`` pair. With
+    ``smoothing`` > 0 the raw curves are drawn faint and their :func:`ema_smooth` on top.
+    """
+    from matplotlib.figure import Figure  # the object API renders with Agg, without pyplot's global state
+
+    dpi = 100
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    ax = fig.add_subplot()
+    for k, (name, values) in enumerate(series.items()):
+        xs, ys = values if isinstance(values, tuple) else (x if x is not None else range(len(values)), values)
+        xs, ys = np.asarray(list(xs), dtype=np.float64), np.asarray(list(ys), dtype=np.float64)
+        color = f"C{k % 10}"
+        if smoothing > 0 and len(ys) > 1:
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
+            ys = ema_smooth(ys, smoothing)
+        ax.plot(xs, ys, color=color, linewidth=1.8, label=name)
     if logy:
-        values = [np.log10(np.maximum(v, 1e-12)) for v in values]
-    xs = np.asarray(x if x is not None else np.arange(max(len(v) for v in values)), dtype=np.float64)
-    ymin = min(float(v.min()) for v in values if len(v))
-    ymax = max(float(v.max()) for v in values if len(v))
-    if ymax == ymin:
-        ymax = ymin + 1.0
-    xmin, xmax = float(xs.min()), float(xs.max()) if len(xs) > 1 else float(xs.min()) + 1
-
-    def point(px, py):
-        return (
-            left + (px - xmin) / (xmax - xmin or 1) * (w - left - right),
-            top + (1 - (py - ymin) / (ymax - ymin)) * (h - top - bottom),
-        )
-
-    draw.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
-    for k, (name, v) in enumerate(zip(series.keys(), values)):
-        color = PALETTE[k % len(PALETTE)]
-        pts = [point(xs[i], v[i]) for i in range(len(v))]
-        if len(pts) > 1:
-            draw.line(pts, fill=color, width=2)
-        draw.text((left + 8, top + 6 + 14 * k), name, fill=color)
-    fmt = (lambda t: f"1e{t:.1f}") if logy else (lambda t: f"{t:.3g}")
-    draw.text((4, top - 6), fmt(ymax), fill=(0, 0, 0))
-    draw.text((4, h - bottom - 6), fmt(ymin), fill=(0, 0, 0))
-    draw.text((left, h - bottom + 6), f"{xmin:.3g}", fill=(0, 0, 0))
-    draw.text((w - right - 40, h - bottom + 6), f"{xmax:.3g}", fill=(0, 0, 0))
-    draw.text((left, 8), title, fill=(0, 0, 0))
-    return img
+        ax.set_yscale("log")
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    return path

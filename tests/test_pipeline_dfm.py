@@ -10,6 +10,8 @@ from diffusers import FluxPipeline
 
 from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel
 
+from conftest import RELOAD_ATOL, assert_images_close_after_reload, assert_reloaded_equal
+
 H = W = 32  # pixels; the tiny VAE has factor 2 -> 16x16 latents, 8x8 tokens
 
 
@@ -122,9 +124,19 @@ def test_save_load_round_trip(dfm_pipe, tmp_path):
     loaded = DFMPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert isinstance(loaded.transformer, DFMTransformer2DModel) and isinstance(loaded.scheduler, DFMScheduler)
+    assert_reloaded_equal(dfm_pipe, loaded)
     a = dfm_pipe("a cat", height=H, width=W, generator=gen(2), output_type="pt")
     b = loaded("a cat", height=H, width=W, generator=gen(2), output_type="pt")
-    torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+    assert_images_close_after_reload(a.images, b.images)
+
+
+def test_reload_tolerance_catches_a_changed_weight(dfm_pipe):
+    """RELOAD_ATOL is far below what one slightly changed stage-1 weight does to the images."""
+    a = dfm_pipe("a cat", height=H, width=W, generator=gen(2), output_type="pt").images
+    with torch.no_grad():
+        dfm_pipe.transformer.stage_layers.heads[1].proj_out.weight[0, 0] += 1e-3
+    b = dfm_pipe("a cat", height=H, width=W, generator=gen(2), output_type="pt").images
+    assert (a - b).abs().max() > 10 * RELOAD_ATOL
 
 
 def test_from_pretrained_resolves_hub_repo_from_prefilled_cache(dfm_pipe, tmp_path, hf_home):
@@ -142,9 +154,10 @@ def test_from_pretrained_resolves_hub_repo_from_prefilled_cache(dfm_pipe, tmp_pa
     try:
         loaded = DFMPipeline.from_pretrained(repo_id)
         loaded.set_progress_bar_config(disable=True)
+        assert_reloaded_equal(dfm_pipe, loaded)
         a = dfm_pipe("a cat", height=H, width=W, generator=gen(2), output_type="pt")
         b = loaded("a cat", height=H, width=W, generator=gen(2), output_type="pt")
-        torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
+        assert_images_close_after_reload(a.images, b.images)
         with pytest.raises(Exception):
             DFMPipeline.from_pretrained("dfm-test/not-in-cache")
     finally:

@@ -8,6 +8,8 @@ import torch
 
 from dfm_diffusers import DFMDiTPipeline, DFMDiTTransformer2DModel, DFMScheduler, LaplacianDecomposition
 
+from conftest import assert_images_close_after_reload, assert_reloaded_equal
+
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, num_classes=5)
 
 
@@ -112,9 +114,10 @@ def test_save_load_round_trip_and_push_to_hub(tmp_path, monkeypatch):
     loaded = DFMDiTPipeline.from_pretrained(tmp_path / "p")
     loaded.set_progress_bar_config(disable=True)
     assert loaded.vae is None
+    assert_reloaded_equal(pipe, loaded)
     a = pipe(class_labels=[2], generator=gen(3), output_type="pt").images
     b = loaded(class_labels=[2], generator=gen(3), output_type="pt").images
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_images_close_after_reload(a, b)
 
     from huggingface_hub import HfApi
 

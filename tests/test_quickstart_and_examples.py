@@ -68,7 +68,7 @@ def test_resume_alias_and_overrides():
     assert config.max_train_steps == 7
     import pytest
 
-    with pytest.raises(ValueError, match="unknown config keys"):
+    with pytest.raises(ValueError, match="no_such_key: unknown setting"):
         load_config(DiTTrainingConfig, None, ["--no_such_key", "1"])
 
 
@@ -77,6 +77,8 @@ def test_unknown_model_kwargs_are_named():
 
     from dfm_diffusers.training.dit import build_model
 
-    config = load_config(DiTTrainingConfig, None, ["--model", "DFM-DiT-T/4", "--model_kwargs", "{num_layer: 2}"])
+    with pytest.raises(ValueError, match=r"model_kwargs: unknown keys \['num_layer'\]"):
+        load_config(DiTTrainingConfig, None, ["--model", "DFM-DiT-T/4", "--model_kwargs", "{num_layer: 2}"])
+    config = DiTTrainingConfig(model="DFM-DiT-T/4", model_kwargs={"num_layer": 2})
     with pytest.raises(ValueError, match=r"unknown keys \['num_layer'\]"):
         build_model(config, in_channels=1, sample_size=32, num_classes=10)

@@ -379,7 +379,7 @@ def test_one_stage_loss_is_plain_flow_matching():
     expected = F.mse_loss(pred.float(), eps - x)
     assert pred.abs().mean() > 0.01
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
-    assert logs == {"loss_stage_0": pytest.approx(loss.item())}
+    assert logs == {"loss_stage_0": pytest.approx(loss.item()), "mse_stage_0": (pytest.approx(64 * loss.item()), 64)}
 
 
 @needs_fm
@@ -398,6 +398,7 @@ def test_one_stage_model_trains_through_the_script(tmp_path):
     for row in log:
         assert sorted(k for k in row if k.startswith("loss_stage_")) == ["loss_stage_0"]
         assert row["loss"] == pytest.approx(row["loss_stage_0"], rel=1e-6)
+    assert all(r["mse_stage_0"] == pytest.approx(r["loss"], rel=1e-5) for r in log)  # one stage: always active
     assert not (out / "checkpoints").exists()  # checkpointing_steps 0: no checkpoints
     pipe = DFMDiTPipeline.from_pretrained(out / "pipeline")
     pipe.set_progress_bar_config(disable=True)
@@ -405,6 +406,32 @@ def test_one_stage_model_trains_through_the_script(tmp_path):
     result = pipe(class_labels=[2, 3], generator=torch.Generator().manual_seed(0), output_type="pt", return_previews=True)
     assert result.images.shape == (2, 1, 32, 32)
     assert len(result.previews) == 1 and torch.equal(result.previews[0], result.images)
+
+
+@needs_fm
+def test_stage_scales_auto_through_the_script(tmp_path, capsys):
+    """``--stage_scales auto``: the scales are estimated from the training images before training, printed,
+    stored in the exported pipeline's transformer config, and the log holds the conditional per-stage losses."""
+    from dfm_diffusers.data import band_statistics, build_image_dataset
+    from dfm_diffusers.decomposition import LaplacianDecomposition
+    from dfm_diffusers.pipelines import DFMDiTPipeline
+
+    out = tmp_path / "auto"
+    _script_module().main([str(a) for a in [
+        "--output_dir", out, *COMMON, "--stage_scales", "auto", "--stage_scales_samples", 128, "--max_samples", 128,
+        "--train_batch_size", 32, "--max_train_steps", 4, "--log_every", 2, "--checkpointing_steps", 0,
+        "--validation_steps", 0,
+    ]])
+    expected = band_statistics(build_image_dataset("fashion_mnist", 32, max_samples=128), LaplacianDecomposition(2, 2),
+                               progress=False).std
+    assert "stage_scales = [" in capsys.readouterr().out
+    pipe = DFMDiTPipeline.from_pretrained(out / "pipeline")
+    assert pipe.transformer.config.stage_scales == pytest.approx(expected, rel=1e-5)
+    assert pipe.decomposition.stage_scales == pytest.approx(expected, rel=1e-5)
+    log = read_log(out)
+    assert [r["step"] for r in log] == [2, 4]
+    assert all(0 < r["mse_stage_0"] < 10 and "mse_generating_stage_0" in r for r in log)
+    assert (out / "loss_curve.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -422,7 +449,7 @@ def test_unknown_model_name_fails_first(tmp_path):
     # the data folder does not exist either: the model name is checked before any data is loaded
     _fails_before_training(
         tmp_path, ["--model", "DiT-Q/3", "--data_dir", tmp_path / "missing"], ValueError,
-        r"unknown model 'DiT-Q/3'; known models: .*DFM-DiT-T/4",
+        r"model: unknown model 'DiT-Q/3'; known models: .*DFM-DiT-T/4",
     )
 
 
@@ -430,12 +457,12 @@ def test_unknown_model_name_fails_first(tmp_path):
 @pytest.mark.parametrize(
     "args, match",
     [
-        (["--model", "DFM-DiT-T/4", "--resolution", 30], "sample_size 30 must be divisible by patch_size 4"),
-        (["--model", "DFM-DiT-T/8", "--resolution", 28], "sample_size 28 must be divisible by patch_size 8"),
-        (["--model", "DFM-DiT-T/4", "--num_stages", 4], "coarsest stage's patch size would be fractional"),
-        (["--model", "DFM-DiT-T/4", "--stage_factors", "[2, 2]"], "stage_factors must hold num_stages - 1 = 1"),
-        (["--model", "DiT-T/4", "--steps_per_stage", "[3, 2]"], "steps_per_stage must be a list of num_stages = 1"),
-        (["--model", "DFM-DiT-T/4", "--stage_weights", "[0.5, 0.3, 0.2]"], "stage_weights must hold num_stages = 2"),
+        (["--model", "DFM-DiT-T/4", "--resolution", 30], "resolution: 30 must be divisible by 4"),
+        (["--model", "DFM-DiT-T/8", "--resolution", 28], "resolution: 28 must be divisible by 8"),
+        (["--model", "DFM-DiT-T/4", "--num_stages", 4], "num_stages: 4 stages .* coarsest stage's patch size would be fractional"),
+        (["--model", "DFM-DiT-T/4", "--stage_factors", "[2, 2]"], "stage_factors: must hold num_stages - 1 = 1"),
+        (["--model", "DiT-T/4", "--steps_per_stage", "[3, 2]"], "steps_per_stage: must hold num_stages = 1"),
+        (["--model", "DFM-DiT-T/4", "--stage_weights", "[0.5, 0.3, 0.2]"], "stage_weights: must hold num_stages = 2"),
     ],
     ids=["resolution-vs-patch", "resolution-vs-patch8", "too-many-stages", "factors", "steps-per-stage", "weights"],
 )
@@ -489,5 +516,5 @@ def test_float_settings_accept_exponents_without_a_dot():
     config = load_config(DiTTrainingConfig, None, ["--learning_rate", "1e-3", "--adam_epsilon=1E-6", "--logit_mean", "0"])
     assert config.learning_rate == 1e-3 and config.adam_epsilon == 1e-6 and config.logit_mean == 0
     assert isinstance(config.learning_rate, float)
-    with pytest.raises(ValueError, match="learning_rate must be a number, got 'fast'"):
+    with pytest.raises(ValueError, match="learning_rate: must be a number, got 'fast'"):
         load_config(DiTTrainingConfig, None, ["--learning_rate", "fast"])

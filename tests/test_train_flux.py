@@ -157,6 +157,31 @@ def test_full_finetune_from_dfm_folder_exports_changed_weights(dfm_dir, caption_
     assert torch.isfinite(loaded("a cat", generator=gen(), **SAMPLE).images).all()
 
 
+@pytest.mark.parametrize("mode", ["auto", [0.5, 0.25]])
+def test_stage_scales_auto_or_given_reach_the_transformer_config_and_the_export(
+    mode, flux_pipeline_dir, caption_dir, tmp_path
+):
+    """stage_scales auto: measured on the training images through the VAE (FLUX's shift and scale) before training,
+    stored in the transformer config, so the task's decomposition, the validation pipeline and the export use them."""
+    from dfm_diffusers.data.latents import encode_images
+    from dfm_diffusers.decomposition import LaplacianDecomposition
+
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, stage_scales=mode, output_dir=str(tmp_path))
+    task, dataset = build_flux_task(config)
+    if mode == "auto":
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+        latents = encode_images(task.pipe.vae, pixels)
+        bands = LaplacianDecomposition(2, 2).decompose(latents)
+        expected = [b.double().std(unbiased=False).item() for b in bands]
+    else:
+        expected = mode
+    assert task.transformer.config.stage_scales == pytest.approx(expected, rel=1e-4)
+    assert task.decomposition.stage_scales == pytest.approx(expected, rel=1e-4)
+    assert task.pipeline(task.transformer).decomposition.stage_scales == pytest.approx(expected, rel=1e-4)
+    assert task.export_transformer(task.transformer).config.stage_scales == pytest.approx(expected, rel=1e-4)
+
+
 def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir, tmp_path):
     """num_stages 1: the task's loss is F.mse_loss(FLUX(x_sigma), eps - x) with diffusers' own FLUX, and trains."""
     from diffusers import FluxPipeline
@@ -220,6 +245,8 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
         (dict(num_stages=3), "not supported"),
         (dict(weight_dtype="bfloat16"), "mixed_precision"),
         (dict(stage_weights="[1.0]"), "stage_weights"),
+        (dict(stage_scales="standardize"), "auto_relative"),
+        (dict(stage_scales="[1.0]"), "stage_scales"),
     ],
 )
 def test_bad_inputs_raise_before_training(overrides, match, flux_pipeline_dir, dfm_dir, caption_dir, tmp_path):
@@ -235,8 +262,10 @@ def test_bad_inputs_raise_before_training(overrides, match, flux_pipeline_dir, d
     assert not (tmp_path / "out" / "training_log.jsonl").exists() and not (tmp_path / "out" / "pipeline").exists()
 
 
-def test_unknown_config_key_is_a_usage_error(flux_pipeline_dir, caption_dir, tmp_path):
-    with pytest.raises(SystemExit):
+def test_unknown_config_key_is_named_with_the_closest_key(flux_pipeline_dir, caption_dir, tmp_path):
+    from dfm_diffusers.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lora_rnak: unknown setting \\(did you mean 'lora_rank'\\?\\)"):
         train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path, lora_rnak=4))
 
 

@@ -6,8 +6,9 @@ Everything generic (optimizer, EMA, checkpoints, logging) is in :mod:`.loop`; th
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import set_seed
@@ -16,7 +17,10 @@ from ..data.bad_samples import report_bad_samples
 from ..decomposition import LaplacianDecomposition
 from ..schedulers import DFMScheduler
 from ..visualize import image_grid, line_plot
-from .config import flat_hparams
+from ..utils import normalize_stage_factors
+from .config import (
+    ConfigError, check_config, did_you_mean, finite, flat_hparams, positive_int, require, setting, stage_list_problems,
+)
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, dfm_objective
 
@@ -28,34 +32,123 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
 
     output_dir: str = "outputs/dfm-dit"
     # data
-    dataset: str = "fashion_mnist"
-    data_dir: str | None = None
-    split: str = "train"
-    image_column: str | None = None
-    label_column: str | None = None
-    resolution: int = 32
-    center_crop: bool = True
-    random_flip: bool = False
-    max_samples: int | None = None
-    max_bad_sample_fraction: float = 0.05  # unreadable images are skipped (and counted) up to this fraction
-    vae: str | None = None
-    vae_subfolder: str | None = None
+    dataset: str = setting(
+        "fashion_mnist", "'fashion_mnist', a folder of class subfolders of images, a latent shard folder or a data set"
+    )
+    data_dir: str | None = setting(None, "Fashion-MNIST: folder of its IDX files; others: the data set's data_dir")
+    split: str = setting("train", "data set split")
+    image_column: str | None = setting(None, "image column of a data set (default: found by name)")
+    label_column: str | None = setting(None, "class label column of a data set (default: found by name)")
+    resolution: int = setting(
+        32, "training image size in pixels (square); with no VAE divisible by the finest stage's patch size"
+    )
+    center_crop: bool = setting(True, "center crop (else random crop) to resolution")
+    random_flip: bool = setting(False, "random horizontal flips")
+    max_samples: int | None = setting(None, "use only the first N samples")
+    max_bad_sample_fraction: float = setting(
+        0.05, "unreadable images are skipped (each named) up to this fraction of the data set"
+    )
+    vae: str | None = setting(None, "AutoencoderKL folder or Hub id for latent-space training (data: encoded shards)")
+    vae_subfolder: str | None = setting(None, "subfolder of the VAE, e.g. 'vae'")
     # model
-    model: str = "DFM-DiT-B/2"
-    model_kwargs: dict = field(default_factory=dict)
-    num_stages: int | None = None
-    stage_factors: int | list = 2
+    model: str = setting("DFM-DiT-B/2", "DiT preset: DiT-{T,S,B,L,XL}/{1,2,4,8} (1 stage) or DFM-DiT-*/{2,4,8}")
+    model_kwargs: dict = setting(
+        help="DFMDiTTransformer2DModel arguments overriding the preset, e.g. {num_layers: 2}", default_factory=dict
+    )
+    num_stages: int | None = setting(None, "number of DFM stages (default: the preset's; 1 = flow-matching baseline)")
+    stage_factors: int | list[int] = setting(2, "resolution factor between consecutive stages (int or S - 1 ints)")
     # decomposition (the DFM training distribution's fields are DFMObjectiveConfig's)
-    stage_scales: list | None = None
-    decomposition_antialias: bool = False
+    stage_scales: list[float] | str | None = setting(
+        None, "per-stage standardization: null (bands as they are), S positive floats, or auto / auto_relative "
+        "(estimated from stage_scales_samples training examples before training; dfm_diffusers.data.band_stats)"
+    )
+    stage_scales_samples: int = setting(4096, "training examples used to estimate stage_scales auto / auto_relative")
+    decomposition_antialias: bool = setting(False, "antialiased downsampling in the Laplacian decomposition")
     # sampling during training and for the exported pipeline
-    steps_per_stage: list | None = None
-    stage_thresholds: list | None = None
-    sample_guidance_scale: float = 1.0
-    sample_class_labels: list | None = None
+    steps_per_stage: list[int] | None = setting(None, "sampling steps of each stage (scheduler default: [30, 10])")
+    stage_thresholds: list[float] | None = setting(None, "sigma at which each later stage starts (S - 1 values)")
+    sample_guidance_scale: float = setting(1.0, "classifier-free guidance scale of the sample grids")
+    sample_class_labels: list[int] | None = setting(None, "class labels of the sample grids (default: first 10)")
+    save_pipeline_at_validation: bool = setting(
+        False, "also export the EMA pipeline to <output_dir>/pipeline-<step> at every validation step"
+    )
     # hub
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
+    push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
+    hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+
+    def validate(self) -> list[str]:
+        """Range and consistency checks, before any data or model is loaded: the model preset, the stage lists
+        against the number of stages, the resolution against the stages' patch sizes, the sample class labels."""
+        from ..models.transformer_dfm_dit import DIT_PRESETS
+
+        problems = require(bool(self.dataset), "dataset", "must name a data set")
+        problems += positive_int(self, "resolution") + positive_int(self, "max_samples", optional=True)
+        problems += finite(self, "sample_guidance_scale", low=0.0)
+        problems += finite(self, "max_bad_sample_fraction", low=0.0, high=1.0)
+        problems += positive_int(self, "num_stages", optional=True)
+        problems += [f"model_kwargs: {p}" for p in model_kwargs_problems(self.model_kwargs)]
+        labels = self.sample_class_labels
+        num_classes = KNOWN_NUM_CLASSES.get(self.dataset)
+        if labels is not None:
+            problems += require(len(labels) > 0, "sample_class_labels", "must hold at least one label (or be null)")
+            problems += sample_label_problems(labels, num_classes, self.dataset)
+        if self.model not in DIT_PRESETS:
+            return problems + [
+                f"model: unknown model {self.model!r}; known models: {', '.join(DIT_PRESETS)}"
+                f"{did_you_mean(self.model, DIT_PRESETS)}"
+            ]
+        preset = {**DIT_PRESETS[self.model], **self.model_kwargs}
+        num_stages = self.num_stages if self.num_stages is not None else preset["num_stages"]
+        if not (isinstance(num_stages, int) and num_stages >= 1):
+            return problems
+        problems += stage_list_problems(self, num_stages)
+        try:
+            factors = normalize_stage_factors(num_stages, self.model_kwargs.get("stage_factors", self.stage_factors))
+        except (ValueError, TypeError) as e:
+            if not any(p.startswith("stage_factors:") for p in problems):
+                problems.append(f"stage_factors: {e}")
+            return problems
+        patch = preset["patch_size"]
+        total = math.prod(factors)
+        problems += require(
+            patch % total == 0, "num_stages" if self.num_stages is not None else "stage_factors",
+            f"{num_stages} stages with factors {factors} need the finest patch size to be divisible by {total}, but "
+            f"{self.model}'s is {patch}: the coarsest stage's patch size would be fractional",
+        )
+        if not self.vae and isinstance(self.resolution, int) and self.resolution > 0:  # latents: checked on the shards
+            problems += require(
+                self.resolution % patch == 0, "resolution",
+                f"{self.resolution} must be divisible by {patch}, the finest stage's patch size of {self.model} "
+                f"(stage factors {factors})",
+            )
+        return problems
+
+
+#: Class counts of the built-in data sets, known before they are read.
+KNOWN_NUM_CLASSES = {"fashion_mnist": 10}
+
+
+def sample_label_problems(labels, num_classes: int | None, dataset: str) -> list[str]:
+    """``sample_class_labels: ...`` for labels < 0 or (where the data set's class count is known) too large."""
+    bad = [c for c in labels if c < 0 or (num_classes is not None and c >= num_classes)]
+    if not bad:
+        return []
+    allowed = f"0 .. {num_classes - 1} ({dataset} has {num_classes} classes)" if num_classes else ">= 0"
+    return [f"sample_class_labels: labels must be in {allowed}, got {bad}"]
+
+
+def model_kwargs_problems(model_kwargs: dict) -> list[str]:
+    """Keys of ``model_kwargs`` that DFMDiTTransformer2DModel does not take."""
+    import inspect
+
+    from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
+
+    known = set(inspect.signature(DFMDiTTransformer2DModel.__init__).parameters) - {"self"}
+    unknown = sorted(set(model_kwargs) - known)
+    if not unknown:
+        return []
+    hints = "".join(did_you_mean(k, known) for k in unknown)
+    return [f"unknown keys {unknown}{hints}; DFMDiTTransformer2DModel takes {sorted(known)}"]
 
 
 def build_dataset(config: DiTTrainingConfig):
@@ -86,20 +179,17 @@ def load_vae(config: DiTTrainingConfig, device):
 
 def build_model(config: DiTTrainingConfig, in_channels: int, sample_size: int, num_classes: int):
     """The preset named by ``config.model`` sized for the data; stage settings are checked here."""
-    import inspect
-
     from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 
-    known = set(inspect.signature(DFMDiTTransformer2DModel.__init__).parameters) - {"self"}
-    unknown = sorted(set(config.model_kwargs) - known)
-    if unknown:
-        raise ValueError(f"model_kwargs has unknown keys {unknown}; DFMDiTTransformer2DModel takes {sorted(known)}")
+    problems = model_kwargs_problems(config.model_kwargs)
+    if problems:
+        raise ConfigError([f"model_kwargs: {p}" for p in problems], type(config).__name__)
     overrides = dict(config.model_kwargs)
     overrides.update(in_channels=in_channels, sample_size=sample_size, num_classes=num_classes)
     if config.num_stages is not None:
         overrides["num_stages"] = config.num_stages
     overrides.setdefault("stage_factors", config.stage_factors)
-    overrides.setdefault("stage_scales", config.stage_scales)
+    overrides.setdefault("stage_scales", None if isinstance(config.stage_scales, str) else config.stage_scales)
     overrides.setdefault("decomposition_antialias", config.decomposition_antialias)
     return DFMDiTTransformer2DModel.from_preset(config.model, **overrides)
 
@@ -158,6 +248,8 @@ class DiTTask:
         image_grid(previews, size=images.shape[-1] * 2, value_range=(0, 1)).save(
             os.path.join(self.samples_dir, f"step_{step:07d}.png")
         )
+        if self.config.save_pipeline_at_validation:
+            self.pipeline(model).save_pretrained(os.path.join(self.config.output_dir, f"pipeline-{step}"))
 
     def export_fn(self, model, folder: str):
         pipe = self.pipeline(model)
@@ -167,26 +259,53 @@ class DiTTask:
             pipe.push_to_hub(repo)
 
 
-def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss (log10)"):
-    """loss_curve.png: total loss and per-stage terms over training steps (log scale)."""
+def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss"):
+    """loss_curve.png (matplotlib, log y, smoothed): the total loss and, with several stages, each stage's
+    conditional loss ``mse_stage_<s>`` (its velocity MSE over the samples where it is in the loss)."""
     if not log_rows:
         return
-    steps = [r["step"] for r in log_rows]
-    series = {"loss": [r["loss"] for r in log_rows]}
-    for s in range(num_stages):
-        key = f"loss_stage_{s}"
-        if num_stages > 1 and all(key in r for r in log_rows):
-            series[f"stage {s} term"] = [max(r[key], 1e-8) for r in log_rows]
-    line_plot(series, x=steps, title=title, logy=True).save(path)
+    series = {"loss": ([r["step"] for r in log_rows], [r["loss"] for r in log_rows])}
+    for s in range(num_stages if num_stages > 1 else 0):
+        rows = [r for r in log_rows if f"mse_stage_{s}" in r]
+        if rows:
+            series[f"stage {s} (where active)"] = ([r["step"] for r in rows], [r[f"mse_stage_{s}"] for r in rows])
+    line_plot(
+        series, path, title=title, xlabel="step", ylabel="velocity MSE", logy=True,
+        smoothing=max(0.0, min(0.95, 1 - 20 / len(log_rows))),
+    )
+
+
+def resolve_stage_scales(config, model, dataset, vae=None, device=None) -> dict:
+    """``stage_scales: auto`` / ``auto_relative``: estimate the scales from ``dataset`` (the training data, same
+    transform) with the model's decomposition, store them in the model's config (so the exported pipeline and the
+    previews use them) and print them. Returns hparams to log (empty when the scales are not estimated)."""
+    from ..data.band_stats import estimate_stage_scales
+
+    if not isinstance(config.stage_scales, str):
+        return {}
+    decomposition = LaplacianDecomposition.from_config(model.config)
+    scales, stats = estimate_stage_scales(
+        config.stage_scales, dataset, decomposition, num_samples=config.stage_scales_samples, vae=vae, device=device,
+        num_workers=config.dataloader_num_workers,
+        batch_size=256 if vae is None else config.train_batch_size,  # the VAE encodes a training batch at a time
+    )
+    model.register_to_config(stage_scales=scales)
+    print(f"stage_scales {config.stage_scales} from {stats.num_samples} training examples:\n{stats.table()}")
+    print(f"stage_scales = {[round(v, 6) for v in scales]}")
+    hparams = {"stage_scales": str([round(v, 6) for v in scales])}
+    hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales)})
+    hparams.update({f"band_std_{s}": v for s, v in enumerate(stats.std)})
+    return hparams
 
 
 def train_dit(config: DiTTrainingConfig) -> dict:
     """Build data, model and task from ``config`` (all checks before any training) and train."""
-    from ..models.transformer_dfm_dit import DIT_PRESETS
-
-    if config.model not in DIT_PRESETS:  # before loading a possibly large data set
-        raise ValueError(f"unknown model {config.model!r}; known models: {', '.join(DIT_PRESETS)}")
+    check_config(config)  # every settings problem at once, before a possibly large data set or model is loaded
     dataset = build_dataset(config)
+    if config.sample_class_labels is not None:
+        problems = sample_label_problems(config.sample_class_labels, dataset.num_classes, config.dataset)
+        if problems:
+            raise ConfigError(problems, type(config).__name__)
     vae = load_vae(config, "cpu")
     from ..data.latents import LatentShardDataset
 
@@ -203,10 +322,10 @@ def train_dit(config: DiTTrainingConfig) -> dict:
     # seed start from different weights (run_training seeds again, after the model exists, for the training draws).
     set_seed(config.seed)
     model = build_model(config, in_channels=x.shape[0], sample_size=x.shape[-1], num_classes=dataset.num_classes)
+    hparams = {**flat_hparams(config), **resolve_stage_scales(config, model, dataset)}
     task = DiTTask(config, model, vae=vae)
     result = run_training(
-        config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=flat_hparams(config),
+        config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn, hparams=hparams,
     )
     write_loss_curve(result["log"], os.path.join(config.output_dir, "loss_curve.png"), model.config.num_stages)
     result["bad_samples"] = report_bad_samples(dataset)

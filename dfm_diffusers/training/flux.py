@@ -28,15 +28,16 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ..data.bad_samples import report_bad_samples
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
-from .config import flat_hparams
-from .dit import write_loss_curve
+from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
+from .dit import resolve_stage_scales, write_loss_curve
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
 
@@ -63,43 +64,61 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     learning_rate: float = 1e-4
     use_ema: bool = False  # an EMA copy of a full FLUX finetune costs another 48 GB (float32)
     # model
-    pretrained: str | None = None  # FluxPipeline (converted here) or DFMPipeline: local folder or Hub id
-    revision: str | None = None
-    num_stages: int | None = None  # default: 2 when converting FLUX; the folder's own for a DFMPipeline
-    stage_factors: int | list | None = None  # default 2 (conversion) / the folder's own
-    weight_dtype: str = "auto"  # frozen weights: "auto" follows mixed_precision (bf16 -> bfloat16), or a dtype name
+    pretrained: str | None = setting(None, "FluxPipeline (converted here) or DFMPipeline: local folder or Hub id")
+    revision: str | None = setting(None, "Hub revision of pretrained")
+    num_stages: int | None = setting(None, "DFM stages (default: 2 when converting FLUX; a DFMPipeline's own)")
+    stage_factors: int | list[int] | None = setting(None, "factor between stages (default 2 / the folder's own)")
+    weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "dtype of the frozen weights; auto follows mixed_precision (bf16 -> bfloat16)"
+    )
+    stage_scales: list[float] | str | None = setting(
+        None, "null keeps the pipeline's own (none after a FLUX conversion, as in the paper's FLUX runs); S positive "
+        "floats; or auto / auto_relative, estimated through the VAE (posterior mean) before training"
+    )
+    stage_scales_samples: int = setting(4096, "training images used to estimate stage_scales auto / auto_relative")
     # data
-    dataset: str | None = None  # image folder with metadata.jsonl captions, saved/local data set, or Hub name
-    data_dir: str | None = None
-    split: str = "train"
-    image_column: str | None = None
-    caption_column: str | None = None
-    resolution: int = 512
-    center_crop: bool = True
-    random_flip: bool = False
-    max_samples: int | None = None
-    caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
-    max_bad_sample_fraction: float = 0.05  # unreadable images / rows without a usable caption are skipped up to this
-    allow_empty_captions: bool = False  # keep rows with an empty/null caption as the empty prompt (else skipped)
+    dataset: str | None = setting(
+        None, "image folder with metadata.jsonl captions, a saved / local data set, or a Hub data set name"
+    )
+    data_dir: str | None = setting(None, "data_dir of a Hub / local data set")
+    split: str = setting("train", "data set split")
+    image_column: str | None = setting(None, "image column (default: found by name)")
+    caption_column: str | None = setting(None, "caption column (default: found by name)")
+    resolution: int = setting(512, "training image size in pixels (square); divisible by VAE x packing x stages")
+    center_crop: bool = setting(True, "center crop (else random crop) to resolution")
+    random_flip: bool = setting(False, "random horizontal flips")
+    max_samples: int | None = setting(None, "use only the first N samples")
+    caption_dropout: float = setting(0.0, "probability of training on the empty prompt (for classifier-free guidance)")
+    max_bad_sample_fraction: float = setting(
+        0.05, "unreadable images and rows without a usable caption are skipped (each named) up to this fraction"
+    )
+    allow_empty_captions: bool = setting(
+        False, "keep rows with an empty/null caption as the empty prompt (still reported); else they are skipped"
+    )
     # text conditioning
-    guidance_scale: float = 1.0  # value fed to FLUX-dev's guidance embedding during training
-    max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev: 512, schnell: 256)
+    guidance_scale: float = setting(1.0, "value fed to FLUX-dev's guidance embedding during training")
+    max_sequence_length: int = setting(512, "T5 tokens (FLUX.1-dev: 512, schnell: 256)")
     # LoRA (lora: false = full finetune)
-    lora: bool = True
-    lora_rank: int = 16
-    lora_alpha: float | None = None  # default: lora_rank (scale 1)
-    lora_dropout: float = 0.0
-    lora_target_modules: list = field(default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS))
-    train_stage_layers: bool = True  # with LoRA: train the per-stage DFM layers fully (stage 1 starts at zero)
-    fuse_lora_on_export: bool = False  # export the LoRA merged into the transformer instead of as a separate file
+    lora: bool = setting(True, "LoRA finetune (false: full finetune of the transformer)")
+    lora_rank: int = setting(16, "LoRA rank")
+    lora_alpha: float | None = setting(None, "LoRA alpha (default: lora_rank, i.e. scale 1)")
+    lora_dropout: float = setting(0.0, "LoRA dropout, in [0, 1)")
+    lora_target_modules: list[str] = setting(
+        help="module names that get a LoRA (default: FLUX's attention projections)",
+        default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS),
+    )
+    train_stage_layers: bool = setting(True, "with LoRA: train the per-stage DFM layers fully (stage 1 starts at 0)")
+    fuse_lora_on_export: bool = setting(False, "export the LoRA merged into the transformer, not as a separate file")
     # validation samples (and the exported scheduler's defaults)
-    validation_prompts: list | None = None
-    validation_guidance_scale: float = 3.5
-    steps_per_stage: list | None = None
-    stage_thresholds: list | None = None  # sigmas: 0.05 = the paper's tau 0.95 at 1024px
+    validation_prompts: list[str] | None = setting(None, "prompts of the validation samples (default: 'a photo')")
+    validation_guidance_scale: float = setting(3.5, "guidance scale of the validation samples")
+    steps_per_stage: list[int] | None = setting(None, "sampling steps of each stage (the exported scheduler's)")
+    stage_thresholds: list[float] | None = setting(
+        None, "sigma at which each later stage starts: 0.05 = the paper's tau 0.95 at 1024px"
+    )
     # hub
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
+    push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
+    hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
 
     def resolved_weight_dtype(self) -> torch.dtype:
         name = _MIXED_PRECISION_DTYPES.get(self.mixed_precision) if self.weight_dtype == "auto" else self.weight_dtype
@@ -110,29 +129,45 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             )
         return DTYPES[name]
 
-    def validate(self):
-        """ValueError for settings that cannot work (checked before anything is loaded)."""
-        if not self.pretrained:
-            raise ValueError("pretrained is required: a FluxPipeline or DFMPipeline folder or Hub id")
-        if not self.dataset:
-            raise ValueError("dataset is required: an image folder with metadata.jsonl captions or a data set name")
-        if not isinstance(self.resolution, int) or self.resolution < 1:
-            raise ValueError(f"resolution must be a positive int, got {self.resolution!r}")
-        dtype = self.resolved_weight_dtype()
-        if dtype != torch.float32 and self.mixed_precision == "no":
-            raise ValueError(
-                f"weight_dtype {self.weight_dtype} needs mixed_precision bf16/fp16: the float32 trainable layers and "
-                f"the {dtype} frozen ones only mix under autocast"
-            )
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+    def validate(self) -> list[str]:
+        """Range and consistency checks before anything is loaded: required keys, dtypes, LoRA settings, and, for a
+        local ``pretrained`` folder, read from its small JSON files, the stage lists against its number of stages
+        and the resolution (for a Hub id these two are checked when build_flux_task reads the files)."""
+        problems = require(
+            bool(self.pretrained), "pretrained", "is required: a FluxPipeline or DFMPipeline folder or Hub id"
+        )
+        problems += require(
+            bool(self.dataset), "dataset",
+            "is required: an image folder with metadata.jsonl captions or a data set name",
+        )
+        problems += positive_int(self, "resolution", "max_sequence_length")
+        problems += positive_int(self, "max_samples", optional=True)
+        problems += positive_int(self, "num_stages", optional=True)
+        problems += finite(self, "caption_dropout", "max_bad_sample_fraction", low=0.0, high=1.0)
+        problems += finite(self, "guidance_scale", "validation_guidance_scale", low=0.0)
+        dtype = self.resolved_weight_dtype()  # both names are Literal-checked, so this resolves
+        problems += require(
+            dtype == torch.float32 or self.mixed_precision != "no", "weight_dtype",
+            f"{self.weight_dtype} needs mixed_precision bf16/fp16: the float32 trainable layers and the {dtype} "
+            f"frozen ones only mix under autocast",
+        )
         if self.lora:
-            if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
-                raise ValueError(f"lora_rank must be a positive int, got {self.lora_rank!r}")
-            if not self.lora_target_modules:
-                raise ValueError("lora_target_modules must name at least one module (e.g. to_q)")
-        if self.max_sequence_length < 1:
-            raise ValueError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+            problems += positive_int(self, "lora_rank")
+            problems += finite(self, "lora_alpha", low=0.0, low_open=True, optional=True)
+            problems += finite(self, "lora_dropout", low=0.0, high=1.0, high_open=True)
+            problems += require(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
+        num_stages = self.num_stages
+        # A local folder's config files are read here; a Hub id's in build_flux_task (validation stays offline).
+        well_typed = not any(p.startswith(("resolution:", "num_stages:")) for p in problems)
+        if self.pretrained and os.path.isdir(self.pretrained) and well_typed:
+            try:
+                info = inspect_pretrained(self, check_resolution=False)
+            except ValueError as e:
+                problems.append(f"pretrained: {e}")
+            else:
+                num_stages = info["num_stages"]
+                problems += require(*_resolution_check(self.resolution, info))
+        return problems + stage_list_problems(self, num_stages)
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -161,7 +196,7 @@ def _read_json(pretrained: str, name: str, revision: str | None = None) -> dict:
         return json.load(f)
 
 
-def inspect_pretrained(config: FluxTrainingConfig) -> dict:
+def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True) -> dict:
     """Read the pipeline's small config files and check the stage and resolution settings against them.
 
     Returns dict(kind="flux" | "dfm", num_stages, stage_factors, vae_scale_factor). ValueError for a pipeline
@@ -200,14 +235,23 @@ def inspect_pretrained(config: FluxTrainingConfig) -> dict:
         )
     vae = _read_json(config.pretrained, "vae/config.json", config.revision)
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    info = dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
+    ok, key, problem = _resolution_check(config.resolution, info)
+    if check_resolution and not ok:
+        raise ValueError(f"{key} {problem}")
+    return info
+
+
+def _resolution_check(resolution: int, info: dict) -> tuple[bool, str, str]:
+    """(ok, "resolution", problem): the resolution the VAE, FLUX's 2x2 packing and the stage factors can split."""
+    factors, vae_scale_factor = info["stage_factors"], info["vae_scale_factor"]
     total = math.prod(factors)
     multiple = vae_scale_factor * (2 * total // math.gcd(2, total))
-    if config.resolution % multiple:
-        raise ValueError(
-            f"resolution {config.resolution} must be divisible by {multiple} (VAE factor {vae_scale_factor} x the "
-            f"2x2 packing and stage factors {factors})"
-        )
-    return dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
+    return (
+        resolution % multiple == 0, "resolution",
+        f"{resolution} must be divisible by {multiple} (VAE factor {vae_scale_factor} x the 2x2 packing and stage "
+        f"factors {factors})",
+    )
 
 
 def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
@@ -499,12 +543,19 @@ def build_flux_task(config: FluxTrainingConfig):
     added). Every ValueError for bad settings or data is raised here, before training."""
     from accelerate.utils import set_seed
 
-    config.validate()
-    info = inspect_pretrained(config)
-    config.validate_objective(info["num_stages"])
+    check_config(config)  # every settings problem at once, before the data set or any model is loaded
+    info = inspect_pretrained(config, check_resolution=False)  # a Hub id's config files are first read here
+    problems = stage_list_problems(config, info["num_stages"]) + require(*_resolution_check(config.resolution, info))
+    if problems:
+        raise ConfigError(problems, type(config).__name__)
     dataset = build_flux_dataset(config)
     set_seed(config.seed)  # the conversion initialises the new stage layers from the global RNG
     pipe = load_dfm_pipeline(config, info)
+    if isinstance(config.stage_scales, str):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        resolve_stage_scales(config, pipe.transformer, dataset, vae=pipe.vae, device=device)
+    elif config.stage_scales is not None:
+        pipe.transformer.register_to_config(stage_scales=[float(v) for v in config.stage_scales])
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])
@@ -516,13 +567,16 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     ``pipeline``: a DFMPipeline around the trained transformer (LoRA attached, last weights, not EMA), and ``task``
     (the :class:`FluxTask`, e.g. to export again)."""
     task, dataset = build_flux_task(config)
+    scales = task.decomposition.stage_scales
+    hparams = {**flat_hparams(config), "stage_scales": str(scales)}
+    hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})
     result = run_training(
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=flat_hparams(config),
+        hparams=hparams,
     )
     write_loss_curve(
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
-        title="DFM-FLUX training loss (log10)",
+        title="DFM-FLUX training loss",
     )
     result["bad_samples"] = report_bad_samples(dataset)
     result["pipeline"] = task.pipeline(task.transformer)

@@ -1,7 +1,8 @@
 """The training loop shared by the DFM trainers (accelerate, diffusers' EMAModel, atomic checkpoints).
 
 A trainer script supplies the model, the dataset and three callables:
-- ``loss_fn(model, batch) -> (loss, logs: dict[str, float])``
+- ``loss_fn(model, batch) -> (loss, logs)``: logs values are floats or ``(sum, count)`` pairs; each log row holds
+  their means over the steps since the previous row (:class:`.log_window.LogWindow`)
 - ``sample_fn(model, step) -> None`` (writes sample grids; called with EMA weights swapped in)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
 """
@@ -16,7 +17,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from accelerate import Accelerator
@@ -26,6 +27,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from ..utils import configure_attention_backends
+from .config import did_you_mean, finite, positive_int, require, setting
+from .log_window import LogWindow
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -35,34 +38,65 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 class LoopConfig:
     """Optimisation and bookkeeping settings common to every DFM trainer."""
 
-    output_dir: str = "outputs/dfm"
-    seed: int = 0
-    train_batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    max_train_steps: int = 1000
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant_with_warmup"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 0.0
-    adam_epsilon: float = 1e-8
-    use_8bit_adam: bool = False
-    max_grad_norm: float = 1.0
-    use_ema: bool = True
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False
-    mixed_precision: str = "no"
-    torch_compile: bool = False
-    gradient_checkpointing: bool = False
-    dataloader_num_workers: int = 0
-    checkpointing_steps: int = 500
-    checkpoints_total_limit: int | None = 2
-    validation_steps: int = 500
-    log_every: int = 10
-    resume_from_checkpoint: str | None = None
-    report_to: str | None = "tensorboard"
-    tracker_project_name: str = "dfm"
+    output_dir: str = setting("outputs/dfm", "folder of checkpoints, logs, samples and the exported pipeline")
+    seed: int = setting(0, "seed of the weights' initialisation, data order and training draws")
+    train_batch_size: int = setting(32, "samples per device per forward pass")
+    gradient_accumulation_steps: int = setting(1, "forward passes per optimizer step")
+    max_train_steps: int = setting(1000, "optimizer steps to train for")
+    learning_rate: float = setting(1e-4, "peak learning rate (> 0)")
+    lr_scheduler: str = setting("constant_with_warmup", "diffusers.optimization scheduler name")
+    lr_warmup_steps: int = setting(0, "linear warm-up steps of the learning rate")
+    adam_beta1: float = setting(0.9, "AdamW beta1, in [0, 1)")
+    adam_beta2: float = setting(0.999, "AdamW beta2, in [0, 1)")
+    adam_weight_decay: float = setting(0.0, "AdamW decoupled weight decay (>= 0)")
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon (> 0)")
+    use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (needs a CUDA GPU)")
+    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off")
+    use_ema: bool = setting(True, "keep an EMA of the weights (used for samples and the export)")
+    ema_decay: float = setting(0.9999, "EMA decay, in (0, 1)")
+    ema_warmup: bool = setting(False, "diffusers EMAModel's decay warm-up")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate mixed precision")
+    torch_compile: bool = setting(False, "torch.compile the model")
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
+    dataloader_num_workers: int = setting(0, "data loader worker processes")
+    checkpointing_steps: int = setting(500, "save a resumable checkpoint every N steps (and at the end); 0 = never")
+    checkpoints_total_limit: int | None = setting(2, "newest checkpoints kept (>= 1); null keeps all")
+    validation_steps: int = setting(500, "write sample grids every N steps (and at the end); 0 = only at the end")
+    log_every: int = setting(10, "append a training_log.jsonl row every N steps")
+    resume_from_checkpoint: str | None = setting(
+        None, "'latest' (of output_dir/checkpoints) or a checkpoint folder to resume from (alias: --resume)"
+    )
+    report_to: str | None = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...); 'none' for none")
+    tracker_project_name: str = setting("dfm", "project name given to the tracker")
+
+    def validate(self) -> list[str]:
+        """Range checks of these fields (``key: problem`` lines; see :func:`.config.config_problems`)."""
+        from diffusers.optimization import SchedulerType
+
+        schedulers = [t.value for t in SchedulerType]
+        problems = require(bool(self.output_dir), "output_dir", "must name a folder")
+        problems += require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        problems += positive_int(
+            self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every"
+        )
+        problems += positive_int(self, "lr_warmup_steps", "dataloader_num_workers", "checkpointing_steps",
+                                 "validation_steps", allow_zero=True)
+        problems += positive_int(self, "checkpoints_total_limit", optional=True)
+        problems += finite(self, "learning_rate", "adam_epsilon", low=0.0, low_open=True)
+        problems += finite(self, "adam_beta1", "adam_beta2", low=0.0, high=1.0, high_open=True)
+        problems += finite(self, "adam_weight_decay", "max_grad_norm", low=0.0)
+        problems += finite(self, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        problems += require(
+            self.lr_scheduler in schedulers, "lr_scheduler",
+            f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}"
+            f"{did_you_mean(self.lr_scheduler, schedulers)}",
+        )
+        resume = self.resume_from_checkpoint
+        problems += require(
+            not resume or resume == "latest" or os.path.isdir(resume), "resume_from_checkpoint",
+            f"{resume!r} is not a checkpoint folder (or 'latest')",
+        )
+        return problems
 
 
 def list_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
@@ -320,6 +354,7 @@ def run_training(
     )
     last_loss = float("nan")
     tic, window_start_step = time.perf_counter(), global_step
+    window = LogWindow()
     epoch = global_step // steps_per_epoch
     while global_step < config.max_train_steps:
         dataloader.set_epoch(epoch)
@@ -342,12 +377,12 @@ def run_training(
             if ema is not None:
                 ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
             last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+            window.add({"loss": last_loss, **logs})
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}")
             if global_step % config.log_every == 0 or global_step == config.max_train_steps:
                 elapsed = time.perf_counter() - tic
-                row = {"step": global_step, "loss": last_loss, "lr": lr_scheduler.get_last_lr()[0]}
-                row.update({k: float(v) for k, v in logs.items()})
+                row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
                 row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)

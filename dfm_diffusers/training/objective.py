@@ -9,10 +9,12 @@ With one stage this is ordinary flow matching.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
+
+from .config import finite, setting
 
 SIGMA_SAMPLINGS = ("logit_normal", "uniform")
 STAGE_SAMPLINGS = ("per_sample", "per_batch")
@@ -164,6 +166,29 @@ def noise_stages(
     return inputs, targets
 
 
+def stage_mse(model_output: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[B, S] float32: per-sample velocity MSE of every stage, mean_{c,h,w}((v_hat - v)^2)."""
+    if len(model_output) != len(targets):
+        raise ValueError(f"got {len(model_output)} predictions for {len(targets)} stages")
+    columns = []
+    for pred, target in zip(model_output, targets):
+        err = (pred.float() - target.float()) ** 2
+        columns.append(err.mean(dim=tuple(range(1, err.ndim))))
+    return torch.stack(columns, dim=1)
+
+
+def masked_stage_loss(
+    mse: torch.Tensor, loss_mask: torch.Tensor, stage_loss_weights: Sequence[float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, per_stage [S]) from per-sample stage MSEs [B, S]: term_s = w_s * mean_b(mask_bs * mse_bs)."""
+    num_stages = mse.shape[1]
+    weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
+    if len(weights) != num_stages:
+        raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
+    per_stage = (mse * loss_mask.to(mse)).mean(dim=0) * torch.tensor(weights, dtype=mse.dtype, device=mse.device)
+    return per_stage.sum(), per_stage
+
+
 def dfm_loss(
     model_output: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
@@ -178,19 +203,29 @@ def dfm_loss(
     Returns:
         (loss: scalar float32, per_stage: [S] float32, the terms that sum to the loss).
     """
-    num_stages = len(targets)
-    if len(model_output) != num_stages:
-        raise ValueError(f"got {len(model_output)} predictions for {num_stages} stages")
-    weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
-    if len(weights) != num_stages:
-        raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
-    terms = []
-    for s in range(num_stages):
-        err = (model_output[s].float() - targets[s].float()) ** 2
-        per_sample = err.mean(dim=tuple(range(1, err.ndim)))
-        terms.append(weights[s] * (per_sample * loss_mask[:, s].to(per_sample)).mean())
-    per_stage = torch.stack(terms)
-    return per_stage.sum(), per_stage
+    return masked_stage_loss(stage_mse(model_output, targets), loss_mask, stage_loss_weights)
+
+
+def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict[str, tuple[float, float]]:
+    """Per-stage losses over the samples they concern, as ``(sum, count)`` pairs that pool over steps.
+
+    - ``mse_stage_<s>``: velocity MSE of stage s over the samples where it is in the loss (loss_mask 1, s <= s*):
+      unlike the term ``loss_stage_<s>``, it is not diluted by the samples where the stage is masked (for stage 1
+      of 2, 90 % of them), so its curve is not a mostly-zero sawtooth.
+    - ``mse_generating_stage_<k>`` (S > 1 only): MSE of stage k over the samples generating it (s* = k), i.e. at
+      the sigmas of the stage's own sampling phase, without the previous-stage samples at small sigma.
+    Unweighted by ``stage_loss_weights``.
+    """
+    mse = mse.detach().double()
+    mask = draw.loss_mask.to(mse)
+    logs = {}
+    for s in range(mse.shape[1]):
+        logs[f"mse_stage_{s}"] = ((mse[:, s] * mask[:, s]).sum().item(), mask[:, s].sum().item())
+    if mse.shape[1] > 1:
+        for k in range(mse.shape[1]):
+            current = (draw.stage == k).to(mse)
+            logs[f"mse_generating_stage_{k}"] = ((mse[:, k] * current).sum().item(), current.sum().item())
+    return logs
 
 
 # ------------------------------------------------------------------------------ shared by the trainers
@@ -207,15 +242,28 @@ class DFMObjectiveConfig:
     tied_timesteps: all stages share one sigma (ablation); stage_loss_weights: w_s of the loss (default 1).
     """
 
-    stage_weights: list | None = None
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    previous_logit_mean: float = 1.5
-    previous_logit_std: float = 1.0
-    sigma_sampling: str = "logit_normal"
-    stage_sampling: str = "per_sample"
-    tied_timesteps: bool = False
-    stage_loss_weights: list | None = None
+    stage_weights: list[float] | None = setting(
+        None, "probabilities of the stage being generated, one per stage (default [0.9, 0.1] for 2 stages)"
+    )
+    logit_mean: float = setting(0.0, "the generated stage's sigma is sigmoid(N(logit_mean, logit_std))")
+    logit_std: float = setting(1.0, "std of the generated stage's logit-normal sigma (> 0)")
+    previous_logit_mean: float = setting(
+        1.5, "earlier stages' sigma is sigmoid(N(-previous_logit_mean, std)), biased toward data"
+    )
+    previous_logit_std: float = setting(1.0, "std of the earlier stages' logit-normal sigma (> 0)")
+    sigma_sampling: Literal["logit_normal", "uniform"] = setting(
+        "logit_normal", "sigma distribution (uniform: ablation)"
+    )
+    stage_sampling: Literal["per_sample", "per_batch"] = setting("per_sample", "draw the stage per sample or per batch")
+    tied_timesteps: bool = setting(False, "ablation: all stages share one sigma, none masked")
+    stage_loss_weights: list[float] | None = setting(None, "loss weight w_s of each stage (default 1 each)")
+
+    def validate(self) -> list[str]:
+        """Range checks of these fields; the stage lists' lengths are checked by the trainer config, which knows
+        the number of stages (:func:`.config.stage_list_problems`)."""
+        return finite(self, "logit_std", "previous_logit_std", low=0.0, low_open=True) + finite(
+            self, "logit_mean", "previous_logit_mean"
+        )
 
     def validate_objective(self, num_stages: int) -> list[float]:
         """ValueError for inconsistent settings; returns the normalized stage weights."""
@@ -240,11 +288,18 @@ class DFMObjectiveOutput:
     inputs: list[torch.Tensor]
     targets: list[torch.Tensor]
     prediction: list[torch.Tensor]
+    mse: torch.Tensor  # [B, S] per-sample stage MSEs (see stage_mse)
 
     @property
-    def logs(self) -> dict[str, float]:
-        """``loss_stage_<s>`` for every stage (the terms that sum to the loss)."""
-        return {f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))}
+    def logs(self) -> dict[str, float | tuple[float, float]]:
+        """``loss_stage_<s>``: the terms that sum to the loss (floats); ``mse_stage_<s>`` and
+        ``mse_generating_stage_<k>``: the conditional per-stage losses as ``(sum, count)`` pairs
+        (:func:`conditional_stage_losses`; the training loop pools them over its log window)."""
+        logs: dict[str, float | tuple[float, float]] = {
+            f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))
+        }
+        logs.update(conditional_stage_losses(self.mse, self.draw))
+        return logs
 
 
 def dfm_objective(
@@ -276,5 +331,6 @@ def dfm_objective(
     )
     inputs, targets = noise_stages(stage_latents, draw.sigmas, draw.loss_mask, noise=noise, generator=generator)
     prediction = predict(inputs, draw)
-    loss, per_stage = dfm_loss(prediction, targets, draw.loss_mask, config.stage_loss_weights)
-    return DFMObjectiveOutput(loss, per_stage, draw, inputs, targets, list(prediction))
+    mse = stage_mse(prediction, targets)
+    loss, per_stage = masked_stage_loss(mse, draw.loss_mask, config.stage_loss_weights)
+    return DFMObjectiveOutput(loss, per_stage, draw, inputs, targets, list(prediction), mse.detach())

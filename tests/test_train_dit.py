@@ -509,7 +509,7 @@ def test_empty_or_unreadable_dataset(tmp_path):
     for label in ("cat", "dog"):
         (bad_images / label).mkdir(parents=True)
         (bad_images / label / "0.png").write_bytes(b"this is not a PNG")
-    _fails_before_training(tmp_path, ["--dataset", bad_images], ValueError, "is unreadable")
+    _fails_before_training(tmp_path, ["--dataset", bad_images], ValueError, r"unusable .*cat/0\.png: not an image")
 
     _fails_before_training(tmp_path, ["--data_dir", tmp_path / "missing"], FileNotFoundError, "apt-get install")
 

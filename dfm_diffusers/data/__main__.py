@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"examples: {len(dataset)}  classes: {dataset.num_classes}  channels: {dataset.channels}")
             if names:
                 print("class names: " + ", ".join(map(str, names[:20])) + (" ..." if len(names) > 20 else ""))
+            if getattr(dataset, "bad_samples", None) and dataset.bad_samples.entries:
+                print(f"bad samples: {dataset.bad_samples.summary()}")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .bad_samples import DEFAULT_MAX_BAD_FRACTION, BadSampleLog, ReplaceUnreadable, scan_image_column
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_SOURCES = ("fashion_mnist", "fashion-mnist")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
+_GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_16BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 _IMAGE_COLUMN_NAMES = ("image", "img", "images", "pixel_values", "png", "jpg", "jpeg")
 _LABEL_COLUMN_NAMES = ("label", "labels", "class", "class_label", "class_labels", "fine_label", "y")
 
@@ -43,6 +45,17 @@ def to_pil(image) -> Image.Image:
     return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit grayscale (PIL modes "I;16*", and "I" as PIL opens 16-bit PNGs) -> "L" with 65535 -> 255.
+
+    PIL's own ``convert("L")`` clips these modes at 255 instead of rescaling, so a 16-bit image would come out
+    almost white. Other modes are returned unchanged."""
+    if image.mode not in _16BIT_MODES:
+        return image
+    values = np.asarray(image).astype(np.float64)
+    return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
+
+
 def preprocess_image(
     image,
     resolution: int,
@@ -56,7 +69,7 @@ def preprocess_image(
 
     ``channels`` 1 converts to grayscale ("L"), 3 to RGB.
     """
-    image = to_pil(image)
+    image = to_8bit(to_pil(image))
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     image = image.convert("L" if channels == 1 else "RGB")
@@ -83,8 +96,11 @@ def preprocess_image(
 # ----------------------------------------------------------------------------------------------- the data set
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
     """Images + integer class labels with the training transform.
+
+    An image that fails to decode is replaced by the next readable one and recorded in ``bad_samples`` (see
+    :mod:`.bad_samples`); unreadable files found when the data set was built are not in it at all.
 
     Args:
         get_image: index -> image (PIL image, uint8 array, or datasets image dict).
@@ -92,6 +108,8 @@ class ImageDataset(torch.utils.data.Dataset):
         num_classes, channels, class_names: what the model is built for.
         resolution, center_crop, random_flip: see :func:`preprocess_image`; random crops/flips draw from torch's
             CPU RNG; the training loop wraps the data set in SeededSamples, so they depend only on (seed, epoch, i).
+        bad_samples: the record of skipped samples (default: an empty one for ``len(labels)`` samples).
+        sample_names: index -> the file (or row) name used in warnings.
     """
 
     def __init__(
@@ -105,6 +123,8 @@ class ImageDataset(torch.utils.data.Dataset):
         random_flip: bool = True,
         class_names: Sequence[str] | None = None,
         description: str = "",
+        bad_samples: BadSampleLog | None = None,
+        sample_names: Callable[[int], str] | None = None,
     ):
         self._get_image = get_image
         self.class_labels = torch.as_tensor(labels, dtype=torch.long)
@@ -115,9 +135,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.class_names = list(class_names) if class_names is not None else None
         self.description = description
+        self.bad_samples = bad_samples or BadSampleLog(description, total=len(self.class_labels))
+        self._sample_names = sample_names
 
     def __len__(self) -> int:
         return len(self.class_labels)
+
+    def sample_name(self, index: int) -> str:
+        return self._sample_names(index) if self._sample_names else f"image {index} of {self.description}"
 
     def __repr__(self) -> str:
         return (
@@ -129,13 +154,14 @@ class ImageDataset(torch.utils.data.Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         flip = self.random_flip and bool(torch.rand(()) < 0.5)
-        try:
+
+        def load(i):
             pixels = preprocess_image(
-                self._get_image(index), self.resolution, self.channels, center_crop=self.center_crop, flip=flip
+                self._get_image(i), self.resolution, self.channels, center_crop=self.center_crop, flip=flip
             )
-        except (OSError, ValueError) as err:
-            raise ValueError(f"could not read image {index} of {self.description}: {err}") from err
-        return dict(pixel_values=pixels, class_labels=self.class_labels[index])
+            return dict(pixel_values=pixels, class_labels=self.class_labels[i])
+
+        return self.load_replacing(index, load)
 
 
 # --------------------------------------------------------------------------------------------------- sources
@@ -240,9 +266,32 @@ def _hf_images(ds, image_column):
     return get_image
 
 
+def image_row_names(ds, image_column: str, source: str) -> Callable[[int], str]:
+    """index -> the image's file path (or "row i of <source>" for images stored in the data set)."""
+    import datasets
+
+    refs = None
+    if isinstance(ds.features[image_column], datasets.Image):
+        refs = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
+
+    def name(i: int) -> str:
+        path = (refs[i][image_column] or {}).get("path") if refs is not None else None
+        return path or f"row {i} of {source}"
+
+    return name
+
+
 def _infer_channels(get_image, n: int) -> int:
-    """1 if the first images (up to 8) are all grayscale, else 3 (RGB)."""
-    modes = [to_pil(get_image(i)).mode for i in range(min(n, 8))]
+    """1 if the first readable images (up to 8) are all grayscale, else 3 (RGB). Unreadable ones are left to the
+    data set, which replaces and counts them."""
+    modes = []
+    for i in range(n):
+        try:
+            modes.append(to_pil(get_image(i)).mode)
+        except Exception:  # noqa: BLE001 - see ReplaceUnreadable
+            continue
+        if len(modes) == 8:
+            break
     return 1 if modes and all(m in _GRAYSCALE_MODES for m in modes) else 3
 
 
@@ -257,6 +306,7 @@ def build_image_dataset(
     max_samples: int | None = None,
     data_dir: str | os.PathLike | None = None,
     channels: int | None = None,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ):
     """A training data set from one of four sources.
 
@@ -276,6 +326,9 @@ def build_image_dataset(
         data_dir: for "fashion_mnist", the folder of IDX files; for a Hub data set, load_dataset's data_dir.
         channels: 1 (grayscale) or 3 (RGB); default 1 for Fashion-MNIST and for data sets whose first images are
             all grayscale, else 3.
+        max_bad_fraction: images are checked here (see :mod:`.bad_samples`); unreadable ones (missing, empty,
+            truncated, not an image) are skipped with a warning naming the file, and more than this fraction of
+            them is a ValueError. Images failing later are replaced deterministically and counted too.
 
     Returns:
         a torch Dataset with ``num_classes``, ``channels`` and ``class_names``; items are
@@ -283,7 +336,8 @@ def build_image_dataset(
         ``dict(latents=[C, h, w] float, class_labels=long)``.
 
     Raises:
-        ValueError: the source cannot be read, is empty, or lacks the columns asked for.
+        ValueError: the source cannot be read, is empty, lacks the columns asked for, or has too many unreadable
+            images.
         FashionMNISTNotFoundError: "fashion_mnist" without its files (the message says how to get them).
     """
     from .latents import LatentShardDataset, is_latent_dir
@@ -303,9 +357,11 @@ def build_image_dataset(
     if resolution is None or resolution < 1:
         raise ValueError(f"resolution must be a positive int for image sources, got {resolution}")
 
+    sample_names = None
     if source in FASHION_MNIST_SOURCES:
         get_image, labels, num_classes, class_names, default_channels = _fashion_mnist(split, data_dir, max_samples)
         description = f"Fashion-MNIST {split}"
+        bad_samples = BadSampleLog(description, total=len(labels), max_fraction=max_bad_fraction)
     else:
         ds = load_hf_dataset(source, split, data_dir)
         if max_samples is not None and max_samples < len(ds):
@@ -317,20 +373,27 @@ def build_image_dataset(
         if label_col == image_col:
             raise ValueError(f"image and label columns are the same column {image_col!r}")
         labels, num_classes, class_names = _hf_labels(ds, label_col)
-        get_image = _hf_images(ds, image_col)
-        default_channels = None
         description = f"{source} [{split}]"
+        bad_samples = BadSampleLog(description, total=len(ds), max_fraction=max_bad_fraction)
+        good = scan_image_column(ds, image_col, bad_samples, description)
+        if len(good) < len(ds):
+            ds, labels = ds.select(good), labels[good]
+        get_image = _hf_images(ds, image_col)
+        sample_names = image_row_names(ds, image_col, description)
+        default_channels = None
 
     if len(labels) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) has no examples")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1 (grayscale), 3 (RGB) or None (inferred), got {channels}")
-    try:  # fail here, with one clear error, rather than inside a DataLoader worker
+    try:
         if channels is None:
             channels = default_channels or _infer_channels(get_image, len(labels))
-        preprocess_image(get_image(0), resolution, channels)
     except (OSError, ValueError) as err:
         raise ValueError(f"dataset {source!r} is unreadable: {err}") from err
-    return ImageDataset(
-        get_image, labels, num_classes, channels, resolution, center_crop, random_flip, class_names, description
+    dataset = ImageDataset(
+        get_image, labels, num_classes, channels, resolution, center_crop, random_flip, class_names, description,
+        bad_samples=bad_samples, sample_names=sample_names,
     )
+    dataset[0]  # a systematic problem fails here, with one clear error, rather than inside a DataLoader worker
+    return dataset

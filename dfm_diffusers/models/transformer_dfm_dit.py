@@ -29,6 +29,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..utils import normalize_stage_factors
+from .loading import strict_from_pretrained
 from .stage_layers import DFMStageLayers, stage_activity
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,6 +280,12 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         if name not in DIT_PRESETS:
             raise ValueError(f"unknown DiT preset {name!r}; known presets: {', '.join(DIT_PRESETS)}")
         return cls(**{**DIT_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """ModelMixin.from_pretrained, but weights that do not match config.json (missing, unexpected or differently
+        shaped parameters) are an error naming the folder (see :mod:`.loading`)."""
+        return strict_from_pretrained(cls, super().from_pretrained, pretrained_model_name_or_path, kwargs)
 
     def positional_embedding(self, grid: tuple[int, int], device, dtype) -> torch.Tensor:
         """Fixed 2D sin-cos embedding [1, h*w, D] of a token grid (h, w), row-major like the patch tokens.

@@ -27,6 +27,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, apply_lora_scale
 
 from ..utils import normalize_stage_factors
+from .loading import strict_from_pretrained
 from .stage_layers import DFMStageLayers, stage_activity
 
 # FLUX packs 2x2 latent pixels into one token: the finest stage's patch size.
@@ -242,19 +243,14 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
-        """ModelMixin.from_pretrained, but a checkpoint that lacks any DFM parameter (e.g. a plain FLUX one) is an
-        error instead of a model with parameters left on the meta device or randomly initialised."""
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
-        missing = list(info.get("missing_keys", []))
-        missing += [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if missing:
-            raise ValueError(
-                f"{pretrained_model_name_or_path} does not hold every DFMTransformer2DModel parameter (missing e.g. "
-                f"{sorted(set(missing))[:4]}); to start from a FLUX checkpoint use "
-                f"DFMTransformer2DModel.from_flux(path, subfolder=...)"
-            )
-        return (model, info) if output_loading_info else model
+        """ModelMixin.from_pretrained, but a checkpoint that lacks any DFM parameter (e.g. a plain FLUX one) or does
+        not match its config.json is an error instead of a model with parameters left on the meta device, randomly
+        initialised or dropped (see :mod:`.loading`)."""
+        return strict_from_pretrained(
+            cls, super().from_pretrained, pretrained_model_name_or_path, kwargs,
+            hint="To start from a FLUX checkpoint use DFMTransformer2DModel.from_flux(path, subfolder=...), or convert "
+            "a FluxPipeline folder with `python -m dfm_diffusers.convert --flux FOLDER --output DFM_FOLDER`.",
+        )
 
     @classmethod
     def from_flux(

@@ -7,12 +7,98 @@ then loads the local folder. ``push_to_hub`` saves the pipeline, writes a model 
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
 
 from huggingface_hub import HfApi, snapshot_download
 
 _SNAPSHOT_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why a .safetensors file cannot be loaded (truncated, bad header), from its header alone; None if it is whole."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"not a readable safetensors file ({size} bytes; {type(err).__name__}: {err})"
+    if 8 + header_len + end != size:
+        return f"truncated or padded: {size} bytes, but its header describes {8 + header_len + end}"
+    return None
+
+
+def _pipeline_classes(cls) -> set[str]:
+    names, todo = set(), [cls]
+    while todo:
+        c = todo.pop()
+        names.add(c.__name__)
+        todo.extend(c.__subclasses__())
+    return names
+
+
+def _wrong_class_hint(cls, folder: str, class_name) -> str:
+    if class_name == "FluxPipeline":
+        return (
+            f"convert it first: `python -m dfm_diffusers.convert --flux {folder} --output DFM_FOLDER` (or "
+            f"DFMPipeline.from_flux_pipeline(FluxPipeline.from_pretrained(...)) in Python), then load DFM_FOLDER"
+        )
+    if class_name in ("DFMPipeline", "DFMDiTPipeline"):
+        return f"load it with {class_name}.from_pretrained"
+    return f"load it with its own pipeline class, or convert it to a {cls.__name__}"
+
+
+def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> None:
+    """ValueError naming the folder or file for a pipeline folder that ``cls`` cannot load completely: no or a bad
+    model_index.json, another pipeline class (a FluxPipeline needs converting), or a model component whose weight
+    file is missing or truncated (components in ``passed``, given to from_pretrained, are not checked). Checked
+    before anything is loaded."""
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise ValueError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{index_path} is not readable JSON: {err}") from err
+    class_name = index.get("_class_name")
+    if class_name not in _pipeline_classes(cls):
+        raise ValueError(
+            f"{folder} holds a {class_name}, not a {cls.__name__}: {_wrong_class_hint(cls, folder, class_name)}"
+        )
+    for name, spec in index.items():
+        if name.startswith("_") or name in passed or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            continue
+        sub = os.path.join(folder, name)
+        if not os.path.isfile(os.path.join(sub, "config.json")):
+            continue  # schedulers, tokenizers, processors: no weights
+        files = os.listdir(sub)
+        shard_lists = [f for f in files if f.endswith(".safetensors.index.json")]
+        weights = [os.path.join(sub, f) for f in files if f.endswith(".safetensors")]
+        for listing in shard_lists:
+            with open(os.path.join(sub, listing), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f).get("weight_map", {}).values()))
+            for shard in shards:
+                if not os.path.isfile(os.path.join(sub, shard)):
+                    raise ValueError(
+                        f"{os.path.join(sub, shard)} is missing (listed in {listing}): the {name} weights are "
+                        f"incomplete; download or save the pipeline again"
+                    )
+        if not weights and not any(f.endswith((".bin", ".pt", ".ckpt")) for f in files):
+            raise ValueError(
+                f"{sub} has a config.json but no weight file (.safetensors): the {name} weights are missing; "
+                f"download or save the pipeline again"
+            )
+        for path in sorted(weights):
+            problem = safetensors_problem(path)
+            if problem:
+                raise ValueError(f"{path}: {problem}. The {name} weights are damaged; download or save them again")
 
 
 class DFMHubMixin:
@@ -29,6 +115,7 @@ class DFMHubMixin:
             if "token" not in snapshot_kwargs and "use_auth_token" in kwargs:
                 snapshot_kwargs["token"] = kwargs.pop("use_auth_token")
             path = snapshot_download(path, **snapshot_kwargs)
+        check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
 
     def model_card(self, repo_id: str, base_model: str | None = None) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
@@ -17,7 +18,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from ..models.transformer_dfm_flux import DFMTransformer2DModel
 from ..schedulers import DFMScheduler, calculate_shift
 from .hub import DFMHubMixin
-from .stagewise import DFMStagewiseMixin
+from .stagewise import DFMStagewiseMixin, check_finite_latents, check_scale
 
 
 class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
@@ -79,6 +80,15 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         return cls(transformer=transformer, scheduler=scheduler, **components)
 
     # -------------------------------------------------------------------------------------- helpers
+    def check_inputs(self, prompt, prompt_2, height, width, *args, guidance_scale=0.0, true_cfg_scale=1.0, **kwargs):
+        """FluxPipeline.check_inputs plus: height/width positive ints, guidance scales finite and >= 0."""
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive int (pixels), got {value!r}")
+        check_scale("guidance_scale", guidance_scale)
+        check_scale("true_cfg_scale", true_cfg_scale)
+        return super().check_inputs(prompt, prompt_2, height, width, *args, **kwargs)
+
     def latent_stage_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
         """Per-stage latent sizes for an image of height x width pixels; ValueError if they do not fit."""
         total = self.decomposition.total_factor
@@ -98,6 +108,7 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
             if not isinstance(latents, (list, tuple)) or [tuple(x.shape) for x in latents] != shapes:
                 got = [tuple(x.shape) for x in latents] if isinstance(latents, (list, tuple)) else type(latents)
                 raise ValueError(f"latents must be a list of per-stage tensors shaped {shapes}, got {got}")
+            check_finite_latents(latents)
             return [x.to(device=device, dtype=dtype) for x in latents]
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(
@@ -152,13 +163,15 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         Returns:
             DFMPipelineOutput(images, previews) or a tuple (images,) / (images, previews).
         """
-        height = height or self.default_sample_size * self.vae_scale_factor
-        width = width or self.default_sample_size * self.vae_scale_factor
+        height = self.default_sample_size * self.vae_scale_factor if height is None else height
+        width = self.default_sample_size * self.vae_scale_factor if width is None else width
         self.check_inputs(
             prompt,
             prompt_2,
             height,
             width,
+            guidance_scale=guidance_scale,
+            true_cfg_scale=true_cfg_scale,
             negative_prompt=negative_prompt,
             negative_prompt_2=negative_prompt_2,
             prompt_embeds=prompt_embeds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -12,7 +13,27 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 from ..schedulers import DFMScheduler
 from .hub import DFMHubMixin
-from .stagewise import DFMStagewiseMixin
+from .stagewise import DFMStagewiseMixin, check_finite_latents, check_scale
+
+
+def integer_class_labels(class_labels) -> torch.Tensor:
+    """class_labels (an int, a sequence of ints, or an integer tensor) -> long [N]; ValueError for anything else
+    (floats such as 1.5 are not rounded, bools are not classes)."""
+    if torch.is_tensor(class_labels):
+        if class_labels.dtype == torch.bool or class_labels.is_floating_point() or class_labels.is_complex():
+            raise ValueError(f"class_labels must be integers, got a {class_labels.dtype} tensor")
+        return class_labels.long().reshape(-1)
+    values = [class_labels] if isinstance(class_labels, (int, np.integer)) else class_labels
+    if isinstance(values, np.ndarray):
+        values = values.reshape(-1).tolist()
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(f"class_labels must be an int or a sequence of ints, got {class_labels!r}") from None
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]
+    if bad:
+        raise ValueError(f"class_labels must be integers, got {bad[:5]} in {class_labels!r}")
+    return torch.tensor([int(v) for v in values], dtype=torch.long)
 
 
 class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
@@ -68,9 +89,10 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         """
         config = self.transformer.config
         device = self._execution_device
-        labels = torch.as_tensor(class_labels, device=device, dtype=torch.long).reshape(-1)
+        labels = integer_class_labels(class_labels).to(device)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
             raise ValueError(f"class_labels must be in 0..{config.num_classes - 1}, got {labels.tolist()}")
+        check_scale("guidance_scale", guidance_scale)
         if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
             raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
         batch = labels.shape[0]
@@ -82,6 +104,7 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         elif [tuple(x.shape) for x in latents] != shapes:
             raise ValueError(f"latents must be per-stage tensors shaped {shapes}, got {[tuple(x.shape) for x in latents]}")
         else:
+            check_finite_latents(latents)
             latents = [x.to(device=device, dtype=dtype) for x in latents]
 
         seq_len = (config.sample_size // config.patch_size) ** 2

@@ -21,6 +21,21 @@ class DFMPipelineOutput(BaseOutput):
     previews: list | None = None
 
 
+def check_scale(name: str, value) -> None:
+    """ValueError unless ``value`` is a finite real number >= 0 (guidance scales)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def check_finite_latents(latents) -> None:
+    """ValueError if any per-stage latent holds NaN or inf."""
+    for s, x in enumerate(latents):
+        if torch.is_tensor(x) and not torch.isfinite(x).all():
+            raise ValueError(f"latents[{s}] (stage {s}) holds NaN or inf values; pass finite initial noise")
+
+
 def decomposition_for(transformer) -> LaplacianDecomposition:
     """The Laplacian decomposition a DFM transformer was built for (from its config)."""
     return LaplacianDecomposition.from_config(transformer.config)

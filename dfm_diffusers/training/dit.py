@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from accelerate.utils import set_seed
 
+from ..data.bad_samples import report_bad_samples
 from ..decomposition import LaplacianDecomposition
 from ..schedulers import DFMScheduler
 from ..visualize import image_grid, line_plot
@@ -44,6 +45,9 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     center_crop: bool = setting(True, "center crop (else random crop) to resolution")
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
+    max_bad_sample_fraction: float = setting(
+        0.05, "unreadable images are skipped (each named) up to this fraction of the data set"
+    )
     vae: str | None = setting(None, "AutoencoderKL folder or Hub id for latent-space training (data: encoded shards)")
     vae_subfolder: str | None = setting(None, "subfolder of the VAE, e.g. 'vae'")
     # model
@@ -80,6 +84,7 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
         problems = require(bool(self.dataset), "dataset", "must name a data set")
         problems += positive_int(self, "resolution") + positive_int(self, "max_samples", optional=True)
         problems += finite(self, "sample_guidance_scale", low=0.0)
+        problems += finite(self, "max_bad_sample_fraction", low=0.0, high=1.0)
         problems += positive_int(self, "num_stages", optional=True)
         problems += [f"model_kwargs: {p}" for p in model_kwargs_problems(self.model_kwargs)]
         labels = self.sample_class_labels
@@ -159,6 +164,7 @@ def build_dataset(config: DiTTrainingConfig):
         label_column=config.label_column,
         max_samples=config.max_samples,
         data_dir=config.data_dir,
+        max_bad_fraction=config.max_bad_sample_fraction,
     )
 
 
@@ -322,4 +328,5 @@ def train_dit(config: DiTTrainingConfig) -> dict:
         config, model, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn, hparams=hparams,
     )
     write_loss_curve(result["log"], os.path.join(config.output_dir, "loss_curve.png"), model.config.num_stages)
+    result["bad_samples"] = report_bad_samples(dataset)
     return result

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from ..data.bad_samples import report_bad_samples
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
 from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
@@ -88,6 +89,12 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
     caption_dropout: float = setting(0.0, "probability of training on the empty prompt (for classifier-free guidance)")
+    max_bad_sample_fraction: float = setting(
+        0.05, "unreadable images and rows without a usable caption are skipped (each named) up to this fraction"
+    )
+    allow_empty_captions: bool = setting(
+        False, "keep rows with an empty/null caption as the empty prompt (still reported); else they are skipped"
+    )
     # text conditioning
     guidance_scale: float = setting(1.0, "value fed to FLUX-dev's guidance embedding during training")
     max_sequence_length: int = setting(512, "T5 tokens (FLUX.1-dev: 512, schnell: 256)")
@@ -136,7 +143,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         problems += positive_int(self, "resolution", "max_sequence_length")
         problems += positive_int(self, "max_samples", optional=True)
         problems += positive_int(self, "num_stages", optional=True)
-        problems += finite(self, "caption_dropout", low=0.0, high=1.0)
+        problems += finite(self, "caption_dropout", "max_bad_sample_fraction", low=0.0, high=1.0)
         problems += finite(self, "guidance_scale", "validation_guidance_scale", low=0.0)
         dtype = self.resolved_weight_dtype()  # both names are Literal-checked, so this resolves
         problems += require(
@@ -527,6 +534,7 @@ def build_flux_dataset(config: FluxTrainingConfig):
         config.dataset, resolution=config.resolution, caption_column=config.caption_column,
         image_column=config.image_column, split=config.split, center_crop=config.center_crop,
         random_flip=config.random_flip, max_samples=config.max_samples, data_dir=config.data_dir,
+        max_bad_fraction=config.max_bad_sample_fraction, allow_empty_captions=config.allow_empty_captions,
     )
 
 
@@ -541,6 +549,7 @@ def build_flux_task(config: FluxTrainingConfig):
     if problems:
         raise ConfigError(problems, type(config).__name__)
     dataset = build_flux_dataset(config)
+    set_seed(config.seed)  # the conversion initialises the new stage layers from the global RNG
     pipe = load_dfm_pipeline(config, info)
     if isinstance(config.stage_scales, str):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -569,6 +578,7 @@ def train_flux(config: FluxTrainingConfig) -> dict:
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
         title="DFM-FLUX training loss",
     )
+    result["bad_samples"] = report_bad_samples(dataset)
     result["pipeline"] = task.pipeline(task.transformer)
     result["task"] = task
     return result

@@ -104,6 +104,8 @@ def test_int_total_steps_and_threshold_override(dfm_pipe):
     # config ratio 3:2 -> 6 + 4 steps; stage 1 starts when stage 0 reaches the (shifted) threshold 0.5
     assert dfm_pipe.scheduler.steps_per_stage == [6, 4] and len(calls) == 10
     assert all(c[1].item() == 1 for c in calls[:6]) and all(c[1].item() == 2 for c in calls[6:])
+    # the threshold is the actual (shifted) sigma of stage 0 the transformer sees when stage 1 starts
+    assert abs(calls[6][0][0, 0].item() - 0.5) < 1e-6 and calls[5][0][0, 0].item() > 0.5
 
 
 def test_given_latents_are_used(dfm_pipe):

@@ -54,7 +54,7 @@ class DFMHubMixin:
             f"- transformer: `{type(self.transformer).__name__}`",
             f"- stages: {t.num_stages}, resolution factors between stages: {t.stage_factors}",
             f"- steps per stage: {list(s.steps_per_stage)}",
-            f"- stage thresholds (sigma, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
+            f"- stage thresholds (actual sigma after the time shift, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
             f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
             "",
             "## How to load",

@@ -24,7 +24,8 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     """Text-to-image DFM pipeline with FluxPipeline's components and call signature.
 
     ``num_inference_steps`` is replaced by ``steps_per_stage`` (a list, or an int total split in the
-    scheduler's ratio); ``stage_thresholds`` (sigmas) can be overridden per call; ``latents`` is a list of
+    scheduler's ratio); ``stage_thresholds`` (the actual sigma, after the time shift, of stage s-1 when stage s
+    starts) can be overridden per call; ``latents`` is a list of
     per-stage latents [B, C, H_s, W_s]. The time shift is FLUX's dynamic shifting with mu computed from the
     token count (the finest stage's), when the scheduler has ``use_dynamic_shifting`` (as converted FLUX.1-dev
     schedulers do), else the scheduler's static ``shift``.

@@ -7,7 +7,8 @@ from conftest import TINY_FLUX_TRANSFORMER, make_tiny_flux_transformer
 from diffusers import FluxTransformer2DModel
 from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
 
-from dfm_diffusers import DFMTransformer2DModel
+from dfm_diffusers import DFMTransformer2DModel, LaplacianDecomposition
+from dfm_diffusers.models.transformer_dfm_flux import default_stage_upsampling
 from dfm_diffusers.utils import configure_attention_backends
 
 LATENT_CHANNELS = TINY_FLUX_TRANSFORMER["in_channels"] // 4
@@ -15,13 +16,17 @@ TEXT_DIM = TINY_FLUX_TRANSFORMER["joint_attention_dim"]
 POOLED_DIM = TINY_FLUX_TRANSFORMER["pooled_projection_dim"]
 
 
-def make_inputs(batch=2, height=8, width=8, text_len=5, num_stages=2, num_active=None, seed=0, dtype=torch.float32):
-    """Random DFM inputs for a finest latent of height x width (stage s is 2**(S-1-s) times smaller)."""
+def make_inputs(batch=2, height=8, width=8, text_len=5, num_stages=2, num_active=None, seed=0, dtype=torch.float32,
+                stage_factors=2, stage_upsampling=None):
+    """Random DFM inputs for a finest latent of height x width, shaped like the model's stage tensors (by default
+    the converted layout: stage 0 carried at the finest resolution)."""
     g = torch.Generator().manual_seed(seed)
-    latents = [
-        torch.randn(batch, LATENT_CHANNELS, height >> (num_stages - 1 - s), width >> (num_stages - 1 - s), generator=g)
-        for s in range(num_stages)
-    ]
+    if stage_upsampling is None:
+        stage_upsampling = default_stage_upsampling(num_stages, stage_factors)
+    shapes = LaplacianDecomposition(num_stages, stage_factors, stage_upsampling=stage_upsampling).stage_shapes(
+        height, width
+    )
+    latents = [torch.randn(batch, LATENT_CHANNELS, h, w, generator=g) for h, w in shapes]
     if num_active is None:
         num_active = torch.randint(1, num_stages + 1, (batch,), generator=g)
     return dict(
@@ -54,20 +59,41 @@ def flux_reference(flux, x, inputs, sigma, upsample):
     return F.avg_pool2d(out, upsample) if upsample > 1 else out
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("size", [(8, 8), (16, 12)])
-def test_from_flux_stage0_is_pooled_flux_of_upsampled_latent(seed, size):
+@pytest.mark.parametrize(
+    "num_stages,factors,size,seed",
+    [(2, 2, (8, 8), 0), (2, 2, (16, 12), 1), (2, 4, (16, 16), 2), (3, [2, 2], (16, 8), 3), (3, [2, 4], (16, 16), 4)],
+)
+def test_from_flux_stage0_is_flux_on_the_full_resolution_carrier(num_stages, factors, size, seed):
+    """The paper's conversion: stage 0's tensor is the finest-resolution carrier and FLUX runs on it verbatim."""
     flux = make_tiny_flux_transformer(seed)
-    model = DFMTransformer2DModel.from_flux(flux)
-    for num_active in ([2, 1], [1, 1], [2, 2]):
-        inputs = make_inputs(height=size[0], width=size[1], num_active=num_active, seed=seed + 10)
+    model = DFMTransformer2DModel.from_flux(flux, num_stages=num_stages, stage_factors=factors)
+    assert model.stage_layers.patch_sizes[0] == 2 and model.stage_layers.patch_sizes[-1] == 2
+    assert list(model.config.stage_upsampling) == default_stage_upsampling(num_stages, factors)
+    for num_active in ([num_stages, 1], [1, 1], [num_stages, 2]):
+        inputs = make_inputs(height=size[0], width=size[1], num_stages=num_stages, stage_factors=factors,
+                             num_active=num_active, seed=seed + 10)
+        assert inputs["hidden_states"][0].shape[-2:] == size
         with torch.no_grad():
-            v0, v1 = model(**inputs).sample
-            ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=2)
-        assert v0.shape == inputs["hidden_states"][0].shape and v1.shape == inputs["hidden_states"][1].shape
-        assert (v0 - ref).abs().max().item() <= 1e-5
+            out = model(**inputs).sample
+            ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=1)
+        assert [v.shape for v in out] == [x.shape for x in inputs["hidden_states"]]
+        assert (out[0] - ref).abs().max().item() <= 1e-5
         assert ref.abs().max() > 0.1  # the comparison is not between two near-zero tensors
-        assert torch.equal(v1, torch.zeros_like(v1))
+        assert all(torch.equal(v, torch.zeros_like(v)) for v in out[1:])
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 12)])
+def test_first_implementation_layout_is_pooled_flux_of_upsampled_noisy_latent(size):
+    """stage_upsampling=[1, 1]: stage 0 at its own resolution, FLUX on its nearest upsampling (kept for comparison)."""
+    flux = make_tiny_flux_transformer(5)
+    model = DFMTransformer2DModel.from_flux(flux, stage_upsampling=[1, 1])
+    assert model.stage_layers.patch_sizes == [1, 2]
+    inputs = make_inputs(height=size[0], width=size[1], num_active=[2, 1], seed=15, stage_upsampling=[1, 1])
+    with torch.no_grad():
+        v0, v1 = model(**inputs).sample
+        ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=2)
+    assert v0.shape == inputs["hidden_states"][0].shape and (v0 - ref).abs().max().item() <= 1e-5
+    assert torch.equal(v1, torch.zeros_like(v1))
 
 
 def test_from_flux_single_stage_reproduces_flux():
@@ -101,8 +127,8 @@ def test_from_flux_initialisation_copies_and_sharing(tiny_flux_transformer):
         assert all(torch.equal(p, torch.zeros_like(p)) for p in module.parameters())
     assert layers.timestep_embedders[0].timestep_embedder.linear_1.weight.abs().sum() > 0
     assert torch.equal(layers.heads[0].norm_out.linear.weight, flux.norm_out.linear.weight)
-    assert torch.equal(layers.patch_embedders[0].weight, flux.x_embedder.weight.view(-1, LATENT_CHANNELS, 4).sum(-1))
-    assert torch.allclose(layers.heads[0].proj_out.weight, flux.proj_out.weight.view(LATENT_CHANNELS, 4, -1).mean(1))
+    assert torch.equal(layers.patch_embedders[0].weight, flux.x_embedder.weight)  # FLUX's own, verbatim
+    assert torch.equal(layers.heads[0].proj_out.weight, flux.proj_out.weight)
     # no dead parameters: every parameter is used in the forward graph
     inputs = make_inputs(num_active=[2, 1])
     sum(v.sum() for v in model(**inputs).sample).backward()
@@ -198,7 +224,7 @@ def test_bfloat16(tmp_path, tiny_flux_transformer):
     inputs = make_inputs(num_active=[2, 2], seed=9, dtype=torch.bfloat16)
     with torch.no_grad():
         # bf16 FLUX itself is ~5-10% off its float32 self on this tiny random model; compare bf16 with bf16
-        ref = flux_reference(flux_bf16, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=2)
+        ref = flux_reference(flux_bf16, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=1)
         for bf16_model in (loaded, converted):
             assert {p.dtype for p in bf16_model.parameters()} == {torch.bfloat16}
             out = bf16_model(**inputs).sample
@@ -282,7 +308,7 @@ BAD_INPUTS = {
     "one stage tensor": lambda i: i.update(hidden_states=i["hidden_states"][1:]),
     "three stage tensors": lambda i: i.update(hidden_states=[i["hidden_states"][0]] + i["hidden_states"]),
     "not a list": lambda i: i.update(hidden_states=i["hidden_states"][1]),
-    "stage 0 wrong size": lambda i: i.update(hidden_states=[i["hidden_states"][1], i["hidden_states"][1]]),
+    "stage 0 not a carrier": lambda i: i.update(hidden_states=[i["hidden_states"][0][..., ::2, ::2], i["hidden_states"][1]]),
     "wrong channels": lambda i: i.update(hidden_states=[x[:, :3] for x in i["hidden_states"]]),
     "odd finest size": lambda i: i.update(hidden_states=[i["hidden_states"][0], i["hidden_states"][1][..., :7]]),
     "timestep [B]": lambda i: i.update(timestep=i["timestep"][:, 0]),
@@ -309,8 +335,9 @@ def test_bad_inputs_raise_value_error(case, tiny_flux_transformer):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        dict(num_stages=3, stage_factors=2),
-        dict(num_stages=2, stage_factors=4),
+        dict(num_stages=2, stage_factors=4, stage_upsampling=[1, 1]),  # stage 0 would need patch 1/2
+        dict(num_stages=3, stage_factors=2, stage_upsampling=[4, 1]),
+        dict(num_stages=2, stage_factors=1),
         dict(patch_size=2),
         dict(in_channels=18),
     ],

@@ -26,7 +26,8 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     ``num_inference_steps`` is replaced by ``steps_per_stage`` (a list, or an int total split in the
     scheduler's ratio); ``stage_thresholds`` (the actual sigma, after the time shift, of stage s-1 when stage s
     starts) can be overridden per call; ``latents`` is a list of
-    per-stage latents [B, C, H_s, W_s]. The time shift is FLUX's dynamic shifting with mu computed from the
+    per-stage latents shaped like :meth:`latent_stage_shapes` (stage 0 carried at the finest resolution by
+    default: i.i.d. noise there is the prior the model was converted and trained with). The time shift is FLUX's dynamic shifting with mu computed from the
     token count (the finest stage's), when the scheduler has ``use_dynamic_shifting`` (as converted FLUX.1-dev
     schedulers do), else the scheduler's static ``shift``.
     """
@@ -67,11 +68,13 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         stage_factors=2,
         steps_per_stage=None,
         stage_thresholds=None,
+        stage_upsampling=None,
     ) -> "DFMPipeline":
         """Convert a loaded FluxPipeline: DFMTransformer2DModel.from_flux + DFMScheduler.from_flow_match;
-        the text encoders, tokenizers and VAE are shared with ``flux_pipe``."""
+        the text encoders, tokenizers and VAE are shared with ``flux_pipe``. ``stage_upsampling`` is from_flux's
+        (default: the paper's conversion, stage 0 carried at the finest resolution)."""
         transformer = DFMTransformer2DModel.from_flux(
-            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors
+            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors, stage_upsampling=stage_upsampling
         )
         scheduler = DFMScheduler.from_flow_match(
             flux_pipe.scheduler, num_stages=num_stages, steps_per_stage=steps_per_stage, stage_thresholds=stage_thresholds
@@ -81,7 +84,8 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
 
     # -------------------------------------------------------------------------------------- helpers
     def latent_stage_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Per-stage latent sizes for an image of height x width pixels; ValueError if they do not fit."""
+        """Per-stage latent (carrier) sizes for an image of height x width pixels; ValueError if they do not fit.
+        With the default conversion stage 0 is carried at the finest latent resolution (its noise is drawn there)."""
         total = self.decomposition.total_factor
         multiple = self.vae_scale_factor * (2 * total // math.gcd(2, total))
         if height % multiple or width % multiple:

@@ -66,6 +66,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     revision: str | None = None
     num_stages: int | None = None  # default: 2 when converting FLUX; the folder's own for a DFMPipeline
     stage_factors: int | list | None = None  # default 2 (conversion) / the folder's own
+    # conversion only: per-stage carrier factors (default: the paper's, stage 0 at the finest resolution; [1, 1] is
+    # the first implementation's stage 0 at its own resolution, kept for comparisons)
+    stage_upsampling: list | None = None
     weight_dtype: str = "auto"  # frozen weights: "auto" follows mixed_precision (bf16 -> bfloat16), or a dtype name
     # data
     dataset: str | None = None  # image folder with metadata.jsonl captions, saved/local data set, or Hub name
@@ -165,7 +168,8 @@ def inspect_pretrained(config: FluxTrainingConfig) -> dict:
     that is neither a FluxPipeline nor a DFMPipeline, stage settings the model cannot take, or a resolution
     the stages cannot split (the same rule as DFMPipeline.latent_stage_shapes).
     """
-    from ..models.transformer_dfm_flux import FLUX_PACKING
+    from ..models.stage_layers import stage_patch_sizes
+    from ..models.transformer_dfm_flux import FLUX_PACKING, default_stage_upsampling
 
     index = _read_json(config.pretrained, "model_index.json", config.revision)
     class_name = index.get("_class_name")
@@ -181,15 +185,18 @@ def inspect_pretrained(config: FluxTrainingConfig) -> dict:
             )
         if config.stage_factors is not None and normalize_stage_factors(num_stages, config.stage_factors) != factors:
             raise ValueError(f"{config.pretrained} has stage_factors {factors}, not {config.stage_factors}")
+        folder_upsampling = tconf.get("stage_upsampling") or default_stage_upsampling(num_stages, factors)
+        if config.stage_upsampling is not None and list(config.stage_upsampling) != list(folder_upsampling):
+            raise ValueError(
+                f"{config.pretrained} has stage_upsampling {folder_upsampling}, not {config.stage_upsampling}; it is "
+                f"fixed at conversion"
+            )
     elif class_name == "FluxPipeline":
         kind = "flux"
         num_stages = 2 if config.num_stages is None else config.num_stages
         factors = normalize_stage_factors(num_stages, 2 if config.stage_factors is None else config.stage_factors)
-        if FLUX_PACKING % math.prod(factors):
-            raise ValueError(
-                f"num_stages={num_stages} with stage_factors={factors} is not supported by DFMTransformer2DModel "
-                f"(FLUX's 2x2 packing allows num_stages 1, or 2 with factor 2)"
-            )
+        upsampling = config.stage_upsampling or default_stage_upsampling(num_stages, factors)
+        stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError if no token grid fits
     else:
         raise ValueError(
             f"{config.pretrained} holds a {class_name}; expected a FluxPipeline (converted to DFM here) or a "
@@ -223,7 +230,7 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
         flux = FluxPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, revision=config.revision)
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
-            stage_thresholds=config.stage_thresholds,
+            stage_thresholds=config.stage_thresholds, stage_upsampling=config.stage_upsampling,
         )
         del flux
     else:

@@ -150,6 +150,13 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     ):
         """Generate images coarse to fine.
 
+        Guidance: ``true_cfg_scale`` > 1 runs true classifier-free guidance on every active stage,
+        v = v_neg + true_cfg_scale * (v_cond - v_neg). Without ``negative_prompt`` / ``negative_prompt_embeds`` the
+        negative is the empty prompt "" (what training with caption dropout learns as unconditional; FluxPipeline
+        would skip CFG instead). ``guidance_scale`` feeds FLUX-dev's distilled-guidance embedding. A converted,
+        not yet finetuned FLUX.1-dev is used like FLUX (guidance_scale 3.5, true_cfg_scale 1); a DFM-finetuned one
+        as in the paper: true_cfg_scale 3.0 with guidance_scale 1.0 (the value it was trained with).
+
         Callbacks are called as ``callback_on_step_end(pipe, step, timestep_row [S], callback_kwargs)``;
         ``callback_kwargs`` holds the requested tensors ("latents" is the list of stage latents) plus
         ``stage_index`` (the phase) and ``stage_sigmas`` ([S], the sigmas the transformer just received).
@@ -188,7 +195,9 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         has_neg_prompt = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        do_true_cfg = true_cfg_scale > 1
+        if do_true_cfg and not has_neg_prompt:
+            negative_prompt = [""] * batch_size  # the unconditional prompt that caption dropout trains
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
             prompt_2=prompt_2,

@@ -80,9 +80,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     center_crop: bool = True
     random_flip: bool = False
     max_samples: int | None = None
-    caption_dropout: float = 0.0  # probability of training on the empty prompt (for classifier-free guidance)
+    caption_dropout: float = 0.1  # probability of training on the empty prompt (the paper's 10%, enables true CFG)
     # text conditioning
-    guidance_scale: float = 1.0  # value fed to FLUX-dev's guidance embedding during training
+    guidance_scale: float = 1.0  # FLUX-dev's distilled-guidance input during training (the paper: fixed at 1.0)
     max_sequence_length: int = 512  # T5 tokens (FLUX.1-dev: 512, schnell: 256)
     # LoRA (lora: false = full finetune)
     lora: bool = True
@@ -94,7 +94,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     fuse_lora_on_export: bool = False  # export the LoRA merged into the transformer instead of as a separate file
     # validation samples (and the exported scheduler's defaults)
     validation_prompts: list | None = None
-    validation_guidance_scale: float = 3.5
+    # the paper's sampling settings for a DFM-finetuned FLUX (true CFG 3.0 against the empty prompt, guidance 1.0);
+    # also recorded in the exported model card as the recommended ones
+    validation_true_cfg_scale: float = 3.0
+    validation_guidance_scale: float = 1.0
     steps_per_stage: list | None = None
     stage_thresholds: list | None = None  # sigmas: 0.05 = the paper's tau 0.95 at 1024px
     # hub
@@ -389,7 +392,8 @@ class FluxTask:
             with self._autocast(device):
                 out = pipe(
                     prompt, height=self.config.resolution, width=self.config.resolution,
-                    guidance_scale=self.config.validation_guidance_scale, output_type="pt", return_previews=True,
+                    guidance_scale=self.config.validation_guidance_scale,
+                    true_cfg_scale=self.config.validation_true_cfg_scale, output_type="pt", return_previews=True,
                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
                     max_sequence_length=self.config.max_sequence_length,
                 )
@@ -436,8 +440,16 @@ class FluxTask:
             raise RuntimeError(f"internal error: export left {left[:4]} on the meta device")
         return clean.eval()
 
+    def recommended_sampling(self) -> dict:
+        """The sampling settings the exported model card recommends (the validation ones: by default the paper's
+        true_cfg_scale 3.0 with guidance_scale 1.0, the value the guidance input was trained with)."""
+        settings = {"true_cfg_scale": float(self.config.validation_true_cfg_scale)}
+        if self.transformer.config.guidance_embeds:
+            settings["guidance_scale"] = float(self.config.validation_guidance_scale)
+        return settings
+
     def model_card(self, repo_id: str, pipe) -> str:
-        card = pipe.model_card(repo_id, base_model=self.config.pretrained)
+        card = pipe.model_card(repo_id, base_model=self.config.pretrained, sampling=self.recommended_sampling())
         if self.config.lora and not self.config.fuse_lora_on_export:
             card += (
                 f"\n## LoRA: load it too\n\nThis folder's transformer holds the base weights and the trained DFM stage "

@@ -1,6 +1,7 @@
 """A small analog of the paper's FLUX finetuning experiment (Table 3; issue 10 part 5), on a GPU in one command.
 
-    python bench/flux_finetune_analog.py --out runs/flux-analog            # GPU; resumable (run it again to go on)
+    python bench/flux_finetune_analog.py --out runs/flux-analog            # GPU; resumable: run the same command
+                                                                            # again after a time limit to go on
     python bench/flux_finetune_analog.py --out /tmp/a --smoke              # minutes on a CPU: the pipeline works
 
 No FLUX weights exist offline, so the analog uses the FLUX architecture itself: a small FluxTransformer2DModel
@@ -232,8 +233,8 @@ def replication(flux, model, text, latents, labels, sigmas, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--pretrain-steps", type=int, default=20000)
-    parser.add_argument("--finetune-steps", type=int, default=4000)
+    parser.add_argument("--pretrain-steps", type=int, default=8000)
+    parser.add_argument("--finetune-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
@@ -242,7 +243,7 @@ def main(argv=None):
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--num-samples", type=int, default=2000)
+    parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sample-batch", type=int, default=500)
     parser.add_argument("--steps", type=int, default=40, help="sampling steps (DFM: split 3:1 between its stages)")
     parser.add_argument("--threshold", type=float, default=0.2, help="DFM stage threshold (actual sigma)")

@@ -22,6 +22,10 @@ sigma FLUX sees exactly the input statistics -- token count, per-token noise, an
 mu(image_seq_len) was calibrated. A mu from stage 0's own band size (1/f^2 of the tokens, mu 0.63 instead of 1.15
 at 1024px with f = 2) would fit a model that sees stage 0 at its own resolution with noise drawn there, whose
 coarse content is f times noisier at the same sigma; it does not fit FLUX's carried stage 0, so it is not offered.
+In numbers: the carrier's block means see noise sigma / f against signal 1 - sigma, i.e. the band itself sits at
+sigma_band = sigma / (f - (f - 1) sigma), the inverse of a static shift by f (0.026 at the paper's 0.05, f = 2);
+a natively noised stage 0 would need that shift on top of the table's to reach FLUX's inputs (issue option b's
+remap 2 sigma / (1 + sigma)).
 """
 
 from __future__ import annotations

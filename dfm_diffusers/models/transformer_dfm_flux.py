@@ -40,7 +40,8 @@ Presenting a natively noised stage 0 at a remapped FLUX time 2 sigma / (1 + sigm
 (issue option b) is also in distribution (1.00-1.08x) but makes the forward pass stochastic and needs a skip head;
 the carrier is the paper's formulation and needs neither. The carrier's full-resolution training loss also holds
 the within-block part (FLUX predicts fine detail inside the blocks that the block-constant carrier does not have:
-up to 3.8x the optimum at sigma 0.1 for that loss), which finetuning learns; it never reaches the image.
+that loss is 3.8x its optimum at sigma 0.1 at factor 2, 14.8x at factor 4, falling to ~1.0x at sigma 0.9), which
+finetuning learns; it never reaches the image.
 The first implementation stays available as ``stage_upsampling=[1, 1]`` (factor 2 only), for comparisons.
 
 Not supported (FLUX's forward has them): ControlNet residuals, IP-Adapter image embeds, context parallelism.
@@ -160,7 +161,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         if stage_upsampling is None:
             stage_upsampling = default_stage_upsampling(num_stages, factors)
         upsampling = [int(u) for u in stage_upsampling]
-        patch_sizes = stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError if none fits
+        stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError before any allocation
         self.register_to_config(stage_upsampling=upsampling)
 
         super().__init__(
@@ -191,7 +192,6 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             first_timestep_stage=1,
             stage_upsampling=upsampling,
         )
-        assert self.stage_layers.patch_sizes == patch_sizes
 
     @apply_lora_scale("joint_attention_kwargs")
     def forward(

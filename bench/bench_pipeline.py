@@ -78,7 +78,17 @@ def main(argv=None):
         transformer=dfm_t,
         **common,
     )
-    for p in (flux, dfm):
+    dfm_f4_t = DFMTransformer2DModel.from_flux(flux_t, num_stages=2, stage_factors=4, share_weights=True)
+    with torch.no_grad():
+        for p in dfm_f4_t.stage_layers.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    dfm_f4 = DFMPipeline(  # 256 -> 1024 px (stage factor 4)
+        scheduler=DFMScheduler.from_flow_match(flux.scheduler, num_stages=2, steps_per_stage=steps),
+        transformer=dfm_f4_t.to(device=device, dtype=dtype).eval(),
+        **common,
+    )
+    for p in (flux, dfm, dfm_f4):
         p.set_progress_bar_config(disable=True)
     gen = torch.Generator(device=device).manual_seed(0)
     embeds = torch.randn(1, text_len, tcfg["joint_attention_dim"], device=device, dtype=dtype, generator=gen)
@@ -91,15 +101,18 @@ def main(argv=None):
         if name == "flux":
             out = flux(num_inference_steps=sum(steps), generator=torch.Generator(device).manual_seed(1), **call)
         else:
-            out = dfm(steps_per_stage=steps, generator=torch.Generator(device).manual_seed(1), **call)
+            pipe = dfm if name == "dfm" else dfm_f4
+            out = pipe(steps_per_stage=steps, generator=torch.Generator(device).manual_seed(1), **call)
         sync(device)
         assert torch.isfinite(out.images).all()
         return time.perf_counter() - t0
 
-    run("flux"), run("dfm")  # warm-up
-    times = {"flux": [], "dfm": []}
+    names = ("flux", "dfm", "dfm_f4")
+    for name in names:  # warm-up
+        run(name)
+    times = {name: [] for name in names}
     for _ in range(args.repeats):
-        for name in ("flux", "dfm"):
+        for name in names:
             times[name].append(run(name))
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
@@ -111,6 +124,7 @@ def main(argv=None):
         "seconds_per_image": {k: round(v, 4) for k, v in med.items()},
         "all_runs": times,
         "ratio_dfm_over_flux": round(med["dfm"] / med["flux"], 4),
+        "ratio_dfm_f4_over_flux": round(med["dfm_f4"] / med["flux"], 4),
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "pipeline_results.json"), "w") as f:
@@ -118,7 +132,9 @@ def main(argv=None):
     print("| pipeline | steps | s / image (median) |\n|---|---|---|")
     print(f"| FluxPipeline | {sum(steps)} | {med['flux']:.3f} |")
     print(f"| DFMPipeline | {steps[0]}+{steps[1]} | {med['dfm']:.3f} |")
-    print(f"ratio DFM / FLUX = {result['ratio_dfm_over_flux']:.4f}")
+    print(f"| DFMPipeline 256->1024 (factor 4) | {steps[0]}+{steps[1]} | {med['dfm_f4']:.3f} |")
+    print(f"ratio DFM / FLUX = {result['ratio_dfm_over_flux']:.4f}, "
+          f"256->1024: {result['ratio_dfm_f4_over_flux']:.4f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ share_weights=True)): the DFM model owns only its per-stage layers (~0.4% of FLU
     run's peak memory is that model's parameters + its gradients + its activations.
 Peak memory is torch.cuda.max_memory_allocated (reset before every run), the maximum over the repeats.
 FLUX gets the finest latent packed 2x2 (FluxPipeline's layout, 4096 tokens at 1024px); DFM gets both stages of
-the same image (2 active: [B, 16, 64, 64] and [B, 16, 128, 128], the same 4096 tokens). Writes results.json to
+the same image (2 active; stage 0 carried at the finest resolution: [B, 16, 128, 128] twice, the same 4096
+tokens); "DFM 256->1024" is the stage-factor-4 model (same shapes, stage 0's band 32x32). Writes results.json to
 --out and prints a markdown table. Calls configure_attention_backends() (cuDNN SDPA off, see DESIGN.md section 8).
 """
 
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
-from dfm_diffusers import DFMTransformer2DModel  # noqa: E402
+from dfm_diffusers import DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
 
 FLUX_DEV = dict(
@@ -74,15 +75,19 @@ def build_flux(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     return flux.eval()
 
 
-def make_inputs(config: dict, height: int, width: int, text_len: int, batch: int, device, dtype, seed: int):
-    """Matching inputs for FLUX (packed finest latent) and DFM (2 stages, both active). height/width: latent size."""
+def make_inputs(config: dict, height: int, width: int, text_len: int, batch: int, device, dtype, seed: int,
+                stage_shapes=((None, None),)):
+    """Matching inputs for FLUX (packed finest latent) and DFM (all stages active, shaped ``stage_shapes``, coarse to
+    fine: the DFM model's LaplacianDecomposition.stage_shapes; stage 0 is carried at the finest resolution).
+    height/width: latent size."""
     gen = torch.Generator(device=device).manual_seed(seed)
     c = config["in_channels"] // 4
     x1 = torch.randn(batch, c, height, width, device=device, generator=gen, dtype=dtype)
-    x0 = torch.randn(batch, c, height // 2, width // 2, device=device, generator=gen, dtype=dtype)
+    stages = [torch.randn(batch, c, h, w, device=device, generator=gen, dtype=dtype) for h, w in stage_shapes[:-1]]
+    num_stages = len(stages) + 1
     text = torch.randn(batch, text_len, config["joint_attention_dim"], device=device, generator=gen, dtype=dtype)
     pooled = torch.randn(batch, config["pooled_projection_dim"], device=device, generator=gen, dtype=dtype)
-    sigmas = torch.rand(batch, 2, device=device, generator=gen)
+    sigmas = torch.rand(batch, num_stages, device=device, generator=gen)
     guidance = torch.full((batch,), 3.5, device=device)
     gh, gw = height // 2, width // 2
     img_ids = torch.zeros(gh, gw, 3, device=device)
@@ -93,17 +98,17 @@ def make_inputs(config: dict, height: int, width: int, text_len: int, batch: int
         hidden_states=packed,
         encoder_hidden_states=text,
         pooled_projections=pooled,
-        timestep=sigmas[:, 1],
+        timestep=sigmas[:, -1],
         img_ids=img_ids.reshape(gh * gw, 3),
         txt_ids=torch.zeros(text_len, 3, device=device),
         guidance=guidance,
     )
     dfm_inputs = dict(
-        hidden_states=[x0, x1],
+        hidden_states=[*stages, x1],
         encoder_hidden_states=text,
         pooled_projections=pooled,
         timestep=sigmas,
-        num_active_stages=torch.full((batch,), 2, device=device, dtype=torch.long),
+        num_active_stages=torch.full((batch,), num_stages, device=device, dtype=torch.long),
         guidance=guidance,
     )
     return flux_inputs, dfm_inputs
@@ -170,23 +175,29 @@ def main(argv=None):
     resolution = 256 if args.small and args.resolution == 1024 else args.resolution
     text_len = 32 if args.small and args.text_len == 512 else args.text_len
     latent = resolution // 8
-    if latent % 4:
-        parser.error("--resolution must be a multiple of 32 (two stages of 2x2-packed latents)")
+    if latent % 8:
+        parser.error("--resolution must be a multiple of 64 (2x2-packed latents, stage factor 4)")
 
     t0 = time.perf_counter()
     flux = build_flux(config, device, dtype, args.seed)
     dfm = DFMTransformer2DModel.from_flux(flux, share_weights=True)
+    dfm_f4 = DFMTransformer2DModel.from_flux(flux, stage_factors=4, share_weights=True)  # 256 -> 1024 px
     build_s = time.perf_counter() - t0
     flux_params = {id(p): p for p in flux.parameters()}
     dfm_params = {id(p): p for p in dfm.parameters()}
+    dfm_f4_params = {id(p): p for p in dfm_f4.parameters()}
     shared = len(set(flux_params) & set(dfm_params))
-    all_params = list({**flux_params, **dfm_params}.values())
+    all_params = list({**flux_params, **dfm_params, **dfm_f4_params}.values())
     n_flux = sum(p.numel() for p in flux_params.values())
     n_dfm = sum(p.numel() for p in dfm_params.values())
-    flux_inputs, dfm_inputs = make_inputs(config, latent, latent, text_len, args.batch, device, dtype, args.seed + 1)
 
+    def inputs_for(model):
+        shapes = LaplacianDecomposition.from_config(model.config).stage_shapes(latent, latent)
+        return make_inputs(config, latent, latent, text_len, args.batch, device, dtype, args.seed + 1, shapes)
+
+    flux_inputs, dfm_inputs = inputs_for(dfm)
     runner = Runner(device)
-    models = {"FLUX": (flux, flux_inputs), "DFM": (dfm, dfm_inputs)}
+    models = {"FLUX": (flux, flux_inputs), "DFM": (dfm, dfm_inputs), "DFM 256->1024": (dfm_f4, inputs_for(dfm_f4)[1])}
     results = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if mode not in ("inference", "train", "train_ckpt"):
@@ -266,20 +277,24 @@ def main(argv=None):
         f"({shared} tensors shared) | "
         f"median of {args.repeats} after {args.warmup} warm-up\n"
     )
-    print("| mode | FLUX ms | DFM ms | DFM/FLUX | FLUX peak GiB | DFM peak GiB |")
+    print("| model | mode | ms | / FLUX | peak GiB | / FLUX |")
     print("|---|---|---|---|---|---|")
     by = {(r["model"], r["mode"]): r for r in results}
+
+    def cell(r, key, fmt):
+        return r.get("error", "-") if key not in r or r[key] is None else format(r[key], fmt)
+
+    def ratio(r, f, key):
+        return f"{r[key] / f[key]:.3f}" if r.get(key) is not None and f.get(key) is not None else "-"
+
     for mode in dict.fromkeys(r["mode"] for r in results):
-        f, d = by[("FLUX", mode)], by[("DFM", mode)]
-
-        def cell(r, key, fmt):
-            return r.get("error", "-") if key not in r or r[key] is None else format(r[key], fmt)
-
-        ratio = f"{d['median_ms'] / f['median_ms']:.3f}" if "median_ms" in f and "median_ms" in d else "-"
-        print(
-            f"| {mode} | {cell(f, 'median_ms', '.1f')} | {cell(d, 'median_ms', '.1f')} | {ratio} | "
-            f"{cell(f, 'peak_gib', '.2f')} | {cell(d, 'peak_gib', '.2f')} |"
-        )
+        f = by[("FLUX", mode)]
+        for name in models:
+            r = by[(name, mode)]
+            print(
+                f"| {name} | {mode} | {cell(r, 'median_ms', '.1f')} | {ratio(r, f, 'median_ms')} | "
+                f"{cell(r, 'peak_gib', '.2f')} | {ratio(r, f, 'peak_gib')} |"
+            )
     print(f"\nwrote {os.path.join(args.out, 'results.json')}")
     return report
 

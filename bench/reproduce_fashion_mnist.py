@@ -163,6 +163,7 @@ def plot_convergence(results: dict, arms: list[str], eval_steps: list[int], path
             ax.errorbar(steps, mean, yerr=std, marker="o", capsize=3, label=f"{arm} ({cells[0]['seeds']} seeds)")
     for ax, title in zip(axes, ("Frechet distance to test (classifier features)", "SWD x1e3, mean over levels")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xticks(eval_steps, [str(s) for s in eval_steps])
         ax.set_xlabel("training steps")
         ax.set_title(title, fontsize=10)

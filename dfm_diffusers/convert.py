@@ -4,9 +4,10 @@
         [--num-stages 2] [--stage-factors 2] [--steps-per-stage 30 10] [--stage-thresholds 0.1] \
         [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
 
-Stage 0 reuses FLUX's patch embedding, timestep embedder and output head (exactly, see
-DFMTransformer2DModel.from_flux); later stages start at zero, so the converted model initially generates
-FLUX's image at stage 0's resolution.
+Stage 0 is carried at the full latent resolution and reuses FLUX's patch embedding, timestep embedder and output
+head verbatim (paper appendix E, see DFMTransformer2DModel); later stages start at zero, so the converted model
+initially generates FLUX's image, block-averaged to stage 0's resolution. Any stage factors work
+(--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
 """
 
 from __future__ import annotations

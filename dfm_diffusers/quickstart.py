@@ -68,7 +68,7 @@ DEFAULT_CONFIG = os.path.join("examples", "configs", "quickstart_fashion_mnist.y
 GPU_OVERRIDES = dict(
     model="DFM-DiT-S/2", model_kwargs={}, train_batch_size=256, max_train_steps=4000, learning_rate=3e-4,
     lr_warmup_steps=500, ema_decay=0.999, mixed_precision="bf16", checkpointing_steps=2000, validation_steps=2000,
-    steps_per_stage=[30, 10],
+    steps_per_stage=[35, 5],
 )
 
 

@@ -42,9 +42,16 @@ def hf_home():
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """Folder with tiny CLIP (BPE) and T5 (unigram) tokenizers saved in `clip/` and `t5/`."""
+    return make_tiny_tokenizers(tmp_path_factory.mktemp("tokenizers"))
+
+
+def make_tiny_tokenizers(root):
+    """Save tiny CLIP (BPE) and T5 (unigram) tokenizers into ``root``/clip and ``root``/t5; returns ``root``."""
+    from pathlib import Path
+
     from transformers import CLIPTokenizer, T5Tokenizer
 
-    root = tmp_path_factory.mktemp("tokenizers")
+    root = Path(root)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in TOKEN_CHARS:
         vocab[c] = len(vocab)

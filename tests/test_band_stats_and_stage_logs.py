@@ -262,3 +262,16 @@ def test_loss_curve_and_schedule_plots_are_matplotlib_pngs(tmp_path):
     write_loss_curve(rows, str(path), num_stages=2)
     image = Image.open(path)
     assert image.size == (640, 400) and len(set(image.convert("RGB").getdata())) > 20  # anti-aliased lines
+
+
+def test_stage_scales_auto_is_the_dit_default_and_leaves_one_stage_plain_flow_matching(tmp_path):
+    """RESULTS.md: standardized bands beat bands as they are; with 1 stage auto changes nothing (the FM baseline)."""
+    from dfm_diffusers.training.dit import DiTTrainingConfig, build_model, resolve_stage_scales
+
+    assert DiTTrainingConfig().stage_scales == "auto"
+    config = DiTTrainingConfig(model="DiT-T/4", model_kwargs=dict(num_layers=1, num_attention_heads=2,
+                               attention_head_dim=16), output_dir=str(tmp_path))
+    model = build_model(config, in_channels=1, sample_size=32, num_classes=3)
+    assert model.config.num_stages == 1
+    assert resolve_stage_scales(config, model, Synthetic(n=50)) == {}
+    assert model.config.stage_scales is None

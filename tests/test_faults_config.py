@@ -174,17 +174,17 @@ def test_help_lists_every_setting_with_type_default_and_help(cls, capsys):
 def test_new_fields_are_covered_by_the_generic_checks(capsys):
     @dataclasses.dataclass
     class WithNewField(DiTTrainingConfig):
-        max_bad_sample_fraction: float = setting(0.1, "fraction of unreadable samples a run tolerates")
+        future_fraction: float = setting(0.1, "fraction of unreadable samples a run tolerates")
 
         def validate(self):
-            return [] if 0 <= self.max_bad_sample_fraction <= 1 else ["max_bad_sample_fraction: must be in [0, 1]"]
+            return [] if 0 <= self.future_fraction <= 1 else ["future_fraction: must be in [0, 1]"]
 
-    assert problems_of(WithNewField, "--max_bad_sample_fraction", "lots", "--log_every", 0) == [
-        "max_bad_sample_fraction: must be a number, got 'lots'", "log_every: must be an integer >= 1, got 0"]
-    assert problems_of(WithNewField, "--max_bad_sample_fraction", 2) == ["max_bad_sample_fraction: must be in [0, 1]"]
+    assert problems_of(WithNewField, "--future_fraction", "lots", "--log_every", 0) == [
+        "future_fraction: must be a number, got 'lots'", "log_every: must be an integer >= 1, got 0"]
+    assert problems_of(WithNewField, "--future_fraction", 2) == ["future_fraction: must be in [0, 1]"]
     with pytest.raises(SystemExit):
         parse_cli(WithNewField, ["-h"])
-    assert "--max_bad_sample_fraction float fraction of unreadable" in " ".join(capsys.readouterr().out.split())
+    assert "--future_fraction float fraction of unreadable" in " ".join(capsys.readouterr().out.split())
 
 
 def _never(name):

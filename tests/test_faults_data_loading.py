@@ -351,6 +351,12 @@ def dfm_pipe(dfm_dir):
     return pipe
 
 
+def stage_latents(pipe, height=16, width=16):
+    """Per-stage initial noise in the layout the pipeline expects (stage 0 carried at full latent resolution)."""
+    shapes = pipe.decomposition.stage_shapes(height, width)
+    return [torch.randn(1, 4, h, w) for h, w in shapes]
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -368,7 +374,7 @@ def dfm_pipe(dfm_dir):
 def test_dfm_pipeline_rejects_bad_inputs(dfm_pipe, kwargs, match):
     call = dict(prompt="a cat", height=32, width=32, max_sequence_length=8, output_type="latent")
     if kwargs.get("latents") in ("nan", "inf"):
-        latents = [torch.randn(1, 4, 8, 8), torch.randn(1, 4, 16, 16)]
+        latents = stage_latents(dfm_pipe)
         latents[1 if kwargs["latents"] == "nan" else 0][0, 0, 0, 0] = float(kwargs["latents"])
         kwargs = dict(latents=latents)
     call.update(kwargs)
@@ -378,7 +384,7 @@ def test_dfm_pipeline_rejects_bad_inputs(dfm_pipe, kwargs, match):
 
 def test_dfm_pipeline_still_runs_with_good_inputs(dfm_pipe):
     out = dfm_pipe("a cat", height=32, width=32, max_sequence_length=8, output_type="latent",
-                   latents=[torch.randn(1, 4, 8, 8), torch.randn(1, 4, 16, 16)], guidance_scale=0.0)
+                   latents=stage_latents(dfm_pipe), guidance_scale=0.0)
     assert out.images.shape == (1, 4, 16, 16) and torch.isfinite(out.images).all()
 
 

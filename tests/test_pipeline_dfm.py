@@ -82,7 +82,7 @@ def test_transformer_receives_the_scheduler_table(dfm_pipe):
         assert sigmas.shape == (2, 2)
         torch.testing.assert_close(sigmas, sched.sigmas[i][None].expand(2, 2))
         assert (active == sched.num_active_stages[i]).all()
-        assert shapes == [(2, 4, 8, 8), (2, 4, 16, 16)]
+        assert shapes == [(2, 4, 16, 16), (2, 4, 16, 16)]  # stage 0 carried at the finest resolution
     assert [s for _, s, _, _ in seen] == [0, 0, 0, 1, 1]
     torch.testing.assert_close(torch.stack([s for _, _, s, _ in seen]), sched.sigmas[:-1])
     assert out.images.shape == (2, 3, H, W)
@@ -106,10 +106,54 @@ def test_int_total_steps_and_threshold_override(dfm_pipe):
     # config ratio 3:2 -> 6 + 4 steps; stage 1 starts when stage 0 reaches the (shifted) threshold 0.5
     assert dfm_pipe.scheduler.steps_per_stage == [6, 4] and len(calls) == 10
     assert all(c[1].item() == 1 for c in calls[:6]) and all(c[1].item() == 2 for c in calls[6:])
+    # the threshold is the actual (shifted) sigma of stage 0 the transformer sees when stage 1 starts
+    assert abs(calls[6][0][0, 0].item() - 0.5) < 1e-6 and calls[5][0][0, 0].item() > 0.5
+
+
+def test_true_cfg_without_negative_prompt_uses_the_empty_prompt(dfm_pipe):
+    kwargs = dict(height=H, width=W, steps_per_stage=[2, 1], output_type="latent")
+    auto = dfm_pipe("a cat", true_cfg_scale=3.0, guidance_scale=1.0, generator=gen(7), **kwargs).images
+    empty = dfm_pipe("a cat", negative_prompt="", true_cfg_scale=3.0, guidance_scale=1.0, generator=gen(7), **kwargs)
+    plain = dfm_pipe("a cat", guidance_scale=1.0, generator=gen(7), **kwargs).images
+    torch.testing.assert_close(auto, empty.images, rtol=0, atol=1e-6)
+    assert (auto - plain).abs().max() > 1e-3  # guidance did happen
+    two = dfm_pipe(["a cat", "ca"], true_cfg_scale=3.0, guidance_scale=1.0, generator=gen(7), **kwargs).images
+    assert two.shape[0] == 2
+
+
+@pytest.mark.parametrize("num_stages,factors", [(2, 4), (3, [2, 2])])
+def test_factor_four_and_three_stages_sample_with_previews(flux_pipe, num_stages, factors):
+    """256 -> 1024 analogue (factor 4: 4x4 -> 16x16 latents here) and three stages: convert, sample, preview."""
+    pipe = DFMPipeline.from_flux_pipeline(flux_pipe, num_stages=num_stages, stage_factors=factors,
+                                          steps_per_stage=[2] * num_stages, stage_thresholds=[0.3] * (num_stages - 1))
+    pipe.set_progress_bar_config(disable=True)
+    calls = record_transformer_calls(pipe)
+    out = pipe("a cat", height=H, width=W, generator=gen(), output_type="pt", return_previews=True)
+    sizes = {(2, 4): [8, 32], (3, 2): [8, 16, 32]}[(num_stages, 4 if factors == 4 else 2)]
+    assert [p.shape[-1] for p in out.previews] == sizes and torch.isfinite(out.images).all()
+    assert calls[0][2][0] == (1, 4, 16, 16)  # stage 0's noise drawn at the finest latent resolution
+    # right after conversion stage 0 is FLUX on the carrier: the stage-0 preview is the block mean of what FLUX
+    # alone generates on the same noise with the same (shifted) sigmas down to the first threshold
+    sched = pipe.scheduler
+    x = torch.randn(1, 4, 16, 16, generator=gen())
+    embeds, pooled, ids = flux_pipe.encode_prompt("a cat", prompt_2=None)
+    guidance = torch.full([1], 3.5)
+    with torch.no_grad():
+        for i in range(2):
+            packed = FluxPipeline._pack_latents(x, 1, 4, 16, 16)
+            img_ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, x.device, x.dtype)
+            v = flux_pipe.transformer(hidden_states=packed, encoder_hidden_states=embeds, pooled_projections=pooled,
+                                      timestep=sched.sigmas[i, :1], img_ids=img_ids, txt_ids=ids, guidance=guidance).sample
+            v = FluxPipeline._unpack_latents(v, H, W, 2)
+            x0 = x - sched.sigmas[i, 0] * v
+            x = x + (sched.sigmas[i + 1, 0] - sched.sigmas[i, 0]) * v
+    stage0 = torch.nn.functional.avg_pool2d(x0, 4)
+    ref = pipe.decode_latents(stage0, "pt")
+    torch.testing.assert_close(out.previews[0], ref, rtol=0, atol=1e-4)
 
 
 def test_given_latents_are_used(dfm_pipe):
-    latents = [torch.randn(1, 4, 8, 8, generator=gen(9)), torch.randn(1, 4, 16, 16, generator=gen(10))]
+    latents = [torch.randn(1, 4, 16, 16, generator=gen(9)), torch.randn(1, 4, 16, 16, generator=gen(10))]
     a = dfm_pipe("a cat", height=H, width=W, latents=latents, output_type="pt")
     b = dfm_pipe("a cat", height=H, width=W, latents=[x.clone() for x in latents], generator=gen(1), output_type="pt")
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=0)
@@ -204,7 +248,7 @@ def test_bad_inputs_raise(dfm_pipe):
     with pytest.raises(ValueError, match="steps_per_stage"):
         dfm_pipe("a cat", height=H, width=W, steps_per_stage=[3, 2, 1])
     with pytest.raises(ValueError, match="latents"):
-        dfm_pipe("a cat", height=H, width=W, latents=[torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)])
+        dfm_pipe("a cat", height=H, width=W, latents=[torch.randn(1, 4, 8, 8), torch.randn(1, 4, 16, 16)])
     with pytest.raises(ValueError, match="prompt"):
         dfm_pipe("a cat", prompt_embeds=torch.randn(1, 8, 32), pooled_prompt_embeds=torch.randn(1, 32), height=H, width=W)
     with pytest.raises(ValueError, match="stage_thresholds"):

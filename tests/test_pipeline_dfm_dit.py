@@ -55,6 +55,18 @@ def test_shapes_previews_and_schedule(num_stages):
         assert (active == pipe.scheduler.num_active_stages[i]).all()
 
 
+@pytest.mark.parametrize("sched", [dict(shift=3.0), dict(use_dynamic_shifting=True)])
+def test_thresholds_are_the_shifted_sigma_the_transformer_sees(sched):
+    pipe = make_pipe(3, steps_per_stage=[3, 2, 2], stage_thresholds=[0.4, 0.1], **sched)
+    calls = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **kw: calls.append(kw["timestep"][0].clone()) or forward(*a, **kw)
+    pipe(class_labels=[1], generator=gen(), output_type="latent")
+    # the first call of phase 1 sees stage 0 at 0.4, the first of phase 2 stage 1 at 0.1 (after the shift)
+    assert abs(calls[3][0].item() - 0.4) < 1e-6 and abs(calls[5][1].item() - 0.1) < 1e-6
+    assert calls[2][0] > 0.4 and calls[4][1] > 0.1
+
+
 def test_deterministic_and_label_dependent():
     pipe = make_pipe()
     a = pipe(class_labels=[1, 2], generator=gen(1), output_type="pt").images

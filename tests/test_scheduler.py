@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -45,13 +47,31 @@ def test_trajectories_monotone_and_end_together(S, steps, thresholds, shift_kwar
         assert (sig[: start + 1, i] == 1).all()
         assert (sig[start + 1:, i] < sig[start:-1, i]).all()
         start += n
-    # before the shift, stage s starts when stage s-1 reaches its threshold
-    plain = DFMScheduler(num_stages=S, steps_per_stage=steps, stage_thresholds=thresholds)
-    plain.set_timesteps()
+    # the thresholds are actual (shifted) sigmas: stage s starts when stage s-1 is at theta_s
     start = 0
     for i in range(1, S):
         start += steps[i - 1]
-        assert abs(plain.sigmas[start, i - 1].item() - thresholds[i - 1]) < 1e-6
+        assert abs(sig[start, i - 1].item() - thresholds[i - 1]) < 1e-6
+
+
+@pytest.mark.parametrize("shift_kwargs,mu", [(dict(shift=3.0), None), (dict(use_dynamic_shifting=True), 1.15),
+                                             (dict(use_dynamic_shifting=True, time_shift_type="linear"), 0.7)])
+def test_thresholds_hold_after_the_shift(shift_kwargs, mu):
+    """The paper's tau = 0.95 at 1024px (sigma 0.05) switches at an actual sigma of 0.05, not at 0.14."""
+    steps, thresholds = [30, 10, 6], [0.3, 0.05]
+    sched = DFMScheduler(num_stages=3, steps_per_stage=steps, stage_thresholds=thresholds, **shift_kwargs)
+    sched.set_timesteps(mu=mu)
+    sig = sched.sigmas
+    assert abs(sig[30, 0].item() - 0.3) < 1e-6 and abs(sig[40, 1].item() - 0.05) < 1e-6
+    assert (sched.num_active_stages[29] == 1) and (sched.num_active_stages[30] == 2) and sched.num_active_stages[40] == 3
+    assert (sig[1:] <= sig[:-1]).all() and (sig[-1] == 0).all() and (sig[-2] > 0).all()
+    # the shift is still FLUX's map of a linear table: stage 0's first phase is shift(linspace(1, theta_u))
+    k = math.exp(mu) if shift_kwargs.get("time_shift_type", "exponential") == "exponential" and mu else (mu or 3.0)
+    theta_u = DFMScheduler.unshift_sigma(0.3, k)
+    linear = torch.linspace(1, theta_u, 31, dtype=torch.float64)
+    torch.testing.assert_close(sig[:31, 0].double(), k / (k + 1 / linear - 1), rtol=0, atol=1e-6)
+    # thresholds taken before the shift (the old behaviour) would switch elsewhere: 0.14 at mu 1.15
+    assert abs(k / (k + 1 / 0.05 - 1) - 0.05) > 0.01
 
 
 def test_single_stage_matches_flux_pipeline_schedule():

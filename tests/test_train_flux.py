@@ -113,7 +113,10 @@ def test_lora_run_trains_adapters_and_stage_layers_and_exports(flux_pipeline_dir
 
     # the export: a plain DFMPipeline (base + trained stage layers) plus the LoRA file that reproduces the model
     export = Path(result["export_dir"])
-    assert (export / LORA_WEIGHT_NAME).exists() and "load_lora_weights" in (export / "README.md").read_text()
+    card = (export / "README.md").read_text()
+    assert (export / LORA_WEIGHT_NAME).exists() and "load_lora_weights" in card
+    # the paper's sampling settings for a DFM-finetuned FLUX are recorded as the recommended ones
+    assert "true_cfg_scale=3.0" in card and "guidance_scale=1.0" in card and "empty prompt" in card
     assert pushed["created"] == "tiny-dfm-lora" and pushed["repo"] == "someone/tiny-dfm-lora"
     assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" in pushed["files"]
     pipe.set_progress_bar_config(disable=True)
@@ -140,7 +143,8 @@ def test_lora_run_trains_adapters_and_stage_layers_and_exports(flux_pipeline_dir
 
 def test_full_finetune_from_dfm_folder_exports_changed_weights(dfm_dir, caption_dir, tmp_path):
     out = tmp_path / "full"
-    result = train_dfm_flux.main(args(dfm_dir, caption_dir, out, lora="false", max_train_steps=3, learning_rate=1e-3))
+    result = train_dfm_flux.main(args(dfm_dir, caption_dir, out, lora="false", max_train_steps=3, learning_rate=1e-3,
+                                      stage_weights="[0.5, 0.5]"))  # stage 1 trained at least once (p = 63/64)
     assert result["global_step"] == 3 and (out / "samples" / "step_0000003.png").exists()
     export = Path(result["export_dir"])
     assert not (export / LORA_WEIGHT_NAME).exists()
@@ -188,7 +192,7 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
 
     config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
                                 num_stages=1, max_sequence_length=16, guidance_scale=1.0, lora_rank=4,
-                                output_dir=str(tmp_path / "s1"))
+                                caption_dropout=0.0, output_dir=str(tmp_path / "s1"))
     task, dataset = build_flux_task(config)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     model = task.transformer
@@ -233,6 +237,49 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
     assert DFMPipeline.from_pretrained(result["export_dir"]).transformer.config.num_stages == 1
 
 
+def test_paper_training_defaults():
+    config = FluxTrainingConfig()
+    assert config.caption_dropout == 0.1 and config.guidance_scale == 1.0
+    assert config.validation_true_cfg_scale == 3.0 and config.validation_guidance_scale == 1.0
+
+
+@pytest.mark.parametrize("num_stages,factors", [(2, 4), (3, [2, 2])])
+def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, factors, flux_pipeline_dir, caption_dir,
+                                                               tmp_path):
+    """Build from FLUX, check the converted stage 0 is FLUX on the noised carrier inside the objective, take a
+    training step, sample with previews."""
+    from diffusers import FluxPipeline
+
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                num_stages=num_stages, stage_factors=factors, max_sequence_length=16, lora_rank=4,
+                                caption_dropout=0.0, steps_per_stage=[1] * num_stages, output_dir=str(tmp_path / "o"))
+    task, dataset = build_flux_task(config)
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    x = task.encode_images(batch["pixel_values"], sample=False)
+    torch.manual_seed(0)
+    out = task.objective(task.transformer, batch, latents=x)
+    assert [tuple(t.shape[-2:]) for t in out.inputs][0] == (16, 16)  # stage 0 carried at the finest resolution
+    carrier = F.interpolate(F.avg_pool2d(x, 4), scale_factor=4, mode="nearest")
+    torch.testing.assert_close(task.decomposition.decompose(x)[0], carrier)
+    flux = FluxPipeline.from_pretrained(flux_pipeline_dir)
+    embeds, pooled, text_ids = flux.encode_prompt(batch["captions"], prompt_2=None, max_sequence_length=16)
+    x_t = out.inputs[0]
+    with torch.no_grad():
+        packed = flux.transformer(
+            hidden_states=FluxPipeline._pack_latents(x_t, 2, 4, 16, 16), encoder_hidden_states=embeds,
+            pooled_projections=pooled, timestep=out.draw.sigmas[:, 0], guidance=torch.ones(2), txt_ids=text_ids,
+            img_ids=FluxPipeline._prepare_latent_image_ids(2, 8, 8, x.device, x.dtype), return_dict=False,
+        )[0]
+    torch.testing.assert_close(out.prediction[0].detach(), FluxPipeline._unpack_latents(packed, 32, 32, 2),
+                               rtol=1e-4, atol=1e-5)
+    optimizer = torch.optim.AdamW([p for p in task.transformer.parameters() if p.requires_grad], lr=1e-3)
+    out.loss.backward()
+    optimizer.step()
+    images, previews = task.generate(task.transformer, ["a cat"])
+    assert images.shape == (1, 3, R, R) and torch.isfinite(images).all()
+    assert [p.shape[-1] for p in previews] == {2: [8, 32], 3: [8, 16, 32]}[num_stages]
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
@@ -242,7 +289,7 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
         (dict(resolution=30), "divisible by 4"),
         (dict(pretrained="IMAGES"), "model_index.json"),
         (dict(pretrained="DFM", num_stages=1), "2-stage DFMPipeline"),
-        (dict(num_stages=3), "not supported"),
+        (dict(stage_factors=4, stage_upsampling="[1, 1]"), "fractional patch size"),
         (dict(weight_dtype="bfloat16"), "mixed_precision"),
         (dict(stage_weights="[1.0]"), "stage_weights"),
         (dict(stage_scales="standardize"), "auto_relative"),

@@ -1,8 +1,9 @@
 """Per-stage DFM layers shared by the FLUX-based and the DiT-based DFM transformers (paper section 3.4).
 
 Every stage s has its own patch size p_s, chosen so that all stages give the same token grid as the finest
-stage: p_s = p_finest / (H_finest / H_s). Patches are flattened in (channel, row, column) order, which is
-exactly FLUX's 2x2 latent packing (FluxPipeline._pack_latents) when p = 2.
+stage: p_s = p_finest * u_s / (H_finest / H_s), where u_s (default 1) is the factor by which the stage's tensor is
+a nearest-upsampled carrier of its band (LaplacianDecomposition's ``stage_upsampling``). Patches are flattened in
+(channel, row, column) order, which is exactly FLUX's 2x2 latent packing (FluxPipeline._pack_latents) when p = 2.
 """
 
 from __future__ import annotations
@@ -17,17 +18,30 @@ from torch import nn
 from ..utils import normalize_stage_factors
 
 
-def stage_patch_sizes(num_stages: int, stage_factors: int | Sequence[int], finest_patch_size: int) -> list[int]:
-    """Patch size of every stage (coarse to fine) so that all stages share the finest stage's token grid."""
+def stage_patch_sizes(
+    num_stages: int,
+    stage_factors: int | Sequence[int],
+    finest_patch_size: int,
+    stage_upsampling: Sequence[int] | None = None,
+) -> list[int]:
+    """Patch size of every stage (coarse to fine) so that all stages share the finest stage's token grid; stage s's
+    tensor is its band nearest-upsampled by ``stage_upsampling[s]`` (default 1)."""
     factors = normalize_stage_factors(num_stages, stage_factors)
-    sizes = [finest_patch_size]
-    for f in reversed(factors):
-        if sizes[0] % f:
+    upsampling = [1] * num_stages if stage_upsampling is None else [int(u) for u in stage_upsampling]
+    if len(upsampling) != num_stages or any(u < 1 for u in upsampling):
+        raise ValueError(f"stage_upsampling must be {num_stages} ints >= 1, got {list(stage_upsampling)}")
+    sizes = []
+    below = 1  # resolution ratio between the finest stage and stage s
+    for s in reversed(range(num_stages)):
+        if (finest_patch_size * upsampling[s]) % below:
             raise ValueError(
-                f"finest patch size {finest_patch_size} is not divisible by the stage factors {factors}: "
-                f"stage {num_stages - len(sizes) - 1} would need a fractional patch size"
+                f"stage {s} is {below}x coarser than the finest stage (factors {factors}) and carried "
+                f"{upsampling[s]}x upsampled: it would need a fractional patch size "
+                f"{finest_patch_size} * {upsampling[s]} / {below} to share the finest stage's token grid"
             )
-        sizes.insert(0, sizes[0] // f)
+        sizes.insert(0, finest_patch_size * upsampling[s] // below)
+        if s > 0:
+            below *= factors[s - 1]
     return sizes
 
 
@@ -97,11 +111,12 @@ class DFMStageLayers(nn.Module):
         out_channels: int,
         embedding_dim: int,
         first_timestep_stage: int = 0,
+        stage_upsampling: Sequence[int] | None = None,
     ):
         super().__init__()
         self.num_stages = num_stages
         self.first_timestep_stage = first_timestep_stage
-        self.patch_sizes = stage_patch_sizes(num_stages, stage_factors, finest_patch_size)
+        self.patch_sizes = stage_patch_sizes(num_stages, stage_factors, finest_patch_size, stage_upsampling)
         self.finest_patch_size = finest_patch_size
         self.patch_embedders = nn.ModuleList(
             [nn.Linear(in_channels * p * p, embedding_dim) for p in self.patch_sizes]

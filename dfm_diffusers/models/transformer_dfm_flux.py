@@ -1,15 +1,48 @@
 """DFMTransformer2DModel: FLUX (diffusers' FluxTransformer2DModel) turned into a Decomposable Flow Matching model.
 
-The model takes one latent per stage (coarse to fine, [B, C, H_s, W_s] with C = in_channels // 4), one sigma per
-stage ([B, S]) and the number of active stages ([B]); it returns one velocity per stage. Inside, every stage is
-patchified with its own patch size so that all stages give the finest stage's token grid (the finest stage uses
-FLUX's 2x2 packing, a stage 2x coarser uses patch 1), the per-stage token embeddings are summed and the FLUX blocks
-run once on the summed tokens. Stage 0's sigma goes through FLUX's own timestep/guidance/pooled-text embedder;
-later stages' sigmas through per-stage embedders; an embedding of the stage index (num_active_stages - 1) is added
-to the conditioning. One output head per stage.
+The model takes one tensor per stage (coarse to fine), one sigma per stage ([B, S]) and the number of active stages
+([B]); it returns one velocity per stage. Inside, every stage is patchified with its own patch size so that all
+stages give the finest stage's token grid, the per-stage token embeddings are summed and the FLUX blocks run once
+on the summed tokens. Stage 0's sigma goes through FLUX's own timestep/guidance/pooled-text embedder; later stages'
+sigmas through per-stage embedders; an embedding of the stage index (num_active_stages - 1) is added to the
+conditioning. One output head per stage.
 
-`DFMTransformer2DModel.from_flux` converts a FLUX transformer (paper appendix E, DESIGN.md section 5): right after
-conversion the stage-0 velocity is avgpool(FLUX(pack(nearest_upsample(x_0)))) and the other stages' velocities are 0.
+How stage 0 is presented to FLUX (paper appendix E; DESIGN.md section 5)
+--------------------------------------------------------------------------
+Stage 0 is *carried at the finest resolution*: its tensor is the clean band nearest-upsampled by the total stage
+factor F (``stage_upsampling[0] = F``) with i.i.d. noise drawn at that resolution, so FLUX's own 2x2 packing,
+x_embedder and proj_out apply verbatim, and the recomposition averages it back over F x F blocks
+(LaplacianDecomposition(stage_upsampling=...) does both, so training, sampler and previews agree). Right after
+``from_flux`` the stage-0 velocity is exactly FLUX's velocity on that carrier: FLUX sees the low-resolution content
+as an ordinary full-resolution input at the same sigma (the paper's "replicates the pretrained model's
+low-resolution predictions").
+
+Consequences, worked out:
+- noise prior: the sampler starts stage 0 from i.i.d. N(0, 1) at the carrier's (finest) resolution. On the band
+  itself that is N(0, 1/F^2) per coarse pixel (the block mean) plus within-block noise that the recomposition
+  discards; training draws the same noise (the objective noises the carrier), so prior and training agree.
+- sampler: Euler on the carrier, exactly as on any stage; the within-block part of stage 0 follows FLUX's own
+  full-resolution trajectory (in distribution for FLUX) and only its block means enter the image and previews.
+- time: at a given sigma the coarse content carries noise of std sigma / F, as in FLUX's own full-resolution
+  generation, so FLUX's full-resolution mu (the token count is the finest stage's) is the in-distribution shift
+  for stage 0 (see DFMScheduler).
+- later stages: stage s >= 1 is carried at its own resolution with patch 2 * H_s / H_finest when that is an
+  integer, else nearest-upsampled to half the finest resolution with patch 1 (e.g. the middle stage of 3 stages
+  with factors [2, 4]). Their layers start at zero, so no FLUX statistics constrain them.
+  Examples: 2 stages, factor 2 -> stage_upsampling [2, 1], patch sizes [2, 2]; factor 4 (256 -> 1024 px, 32x32 ->
+  128x128 latents) -> [4, 1], [2, 2]; 3 stages [2, 2] -> [4, 1, 1], patch sizes [2, 1, 2].
+
+Why (bench/flux_conversion_proxy.py, a linear-Gaussian proxy: 1/f^2 spectrum, "FLUX" = the Bayes-optimal
+denoiser for i.i.d. noise; stage-0 prediction error / the Bayes-optimal one for the same input, sigma 0.1..0.9):
+factor 2: carrier 1.00-1.04x; the first implementation (stage 0 noised at its own resolution and nearest-upsampled
+into FLUX, noise constant over 2x2 blocks) 1.03-1.35x; at factor 4 carrier 1.01-1.09x, that one 1.05-3.11x.
+Presenting a natively noised stage 0 at a remapped FLUX time 2 sigma / (1 + sigma) with fresh within-block noise
+(issue option b) is also in distribution (1.00-1.08x) but makes the forward pass stochastic and needs a skip head;
+the carrier is the paper's formulation and needs neither. The carrier's full-resolution training loss also holds
+the within-block part (FLUX predicts fine detail inside the blocks that the block-constant carrier does not have:
+that loss is 3.8x its optimum at sigma 0.1 at factor 2, 14.8x at factor 4, falling to ~1.0x at sigma 0.9), which
+finetuning learns; it never reaches the image.
+The first implementation stays available as ``stage_upsampling=[1, 1]`` (factor 2 only), for comparisons.
 
 Not supported (FLUX's forward has them): ControlNet residuals, IP-Adapter image embeds, context parallelism.
 """
@@ -28,10 +61,25 @@ from diffusers.utils import BaseOutput, apply_lora_scale
 
 from ..utils import normalize_stage_factors
 from .loading import strict_from_pretrained
-from .stage_layers import DFMStageLayers, stage_activity
+from .stage_layers import DFMStageLayers, stage_activity, stage_patch_sizes
 
 # FLUX packs 2x2 latent pixels into one token: the finest stage's patch size.
 FLUX_PACKING = 2
+
+
+def default_stage_upsampling(num_stages: int, stage_factors: int | Sequence[int]) -> list[int]:
+    """The carrier factors of the paper's conversion: stage 0 at the finest resolution (u_0 = total factor, patch
+    2 = FLUX's packing); stage s >= 1 at its own resolution if a patch 2 * H_s / H_finest >= 1 gives the shared
+    token grid, else upsampled to half the finest resolution (patch 1)."""
+    factors = normalize_stage_factors(num_stages, stage_factors)
+    upsampling = []
+    for s in range(num_stages):
+        below = math.prod(factors[s:])  # finest / stage s
+        if s == 0:
+            upsampling.append(below)
+        else:
+            upsampling.append(1 if FLUX_PACKING % below == 0 else below // math.gcd(below, FLUX_PACKING))
+    return upsampling
 
 # Every FluxTransformer2DModel.__init__ argument; from_flux copies these from the FLUX config.
 FLUX_CONFIG_KEYS = (
@@ -66,12 +114,15 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
     packing of the finest stage, e.g. 64 = 16 x 4; ``patch_size`` must stay 1 as in every FLUX checkpoint), plus
 
     - ``num_stages`` (default 2): number of DFM stages S;
-    - ``stage_factors`` (int or list of S-1 ints, default 2): resolution factor between consecutive stages. The
-      finest stage uses FLUX's 2x2 packing, so the coarsest stage can be at most 2x smaller than the finest one:
-      supported are S=1, and S=2 with factor 2;
+    - ``stage_factors`` (int or list of S-1 ints, default 2): resolution factor between consecutive stages, any
+      ints >= 2 (e.g. 4: 256 -> 1024 px; [2, 2]: three stages);
+    - ``stage_upsampling`` (list of S ints, default :func:`default_stage_upsampling`): stage s's tensor is its
+      band nearest-upsampled by u_s (the module docstring explains why stage 0 is carried at the finest
+      resolution). The config stores the resolved list; ``[1, 1]`` at factor 2 is the first implementation's
+      layout (stage 0 at its own resolution, patch 1), kept for comparisons only;
     - ``stage_scales``, ``decomposition_antialias``: the LaplacianDecomposition the model works with (per-stage
-      standardization, off by default for images; antialiased downsampling). Stored for the pipelines, unused
-      by forward.
+      standardization, off by default for images; antialiased instead of box downsampling). Stored for the
+      pipelines, unused by forward.
     """
 
     _cp_plan = None  # FLUX's context-parallel plan refers to proj_out and packed tokens; not supported here.
@@ -94,6 +145,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         stage_factors: int | Sequence[int] = 2,
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
+        stage_upsampling: Sequence[int] | None = None,
     ):
         if patch_size != 1:
             raise ValueError(
@@ -107,14 +159,11 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 f"(FLUX's 2x2 packing)"
             )
         factors = normalize_stage_factors(num_stages, stage_factors)
-        total_factor = math.prod(factors)
-        if FLUX_PACKING % total_factor:
-            raise ValueError(
-                f"num_stages={num_stages} with stage_factors={factors} puts stage 0 {total_factor}x below the finest "
-                f"stage, but the finest stage uses FLUX's {FLUX_PACKING}x{FLUX_PACKING} packing, so all stages can "
-                f"only share its token grid if stage 0 is at most {FLUX_PACKING}x coarser: use num_stages=1, or "
-                f"num_stages=2 with stage_factors=2"
-            )
+        if stage_upsampling is None:
+            stage_upsampling = default_stage_upsampling(num_stages, factors)
+        upsampling = [int(u) for u in stage_upsampling]
+        stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError before any allocation
+        self.register_to_config(stage_upsampling=upsampling)
 
         super().__init__(
             patch_size=patch_size,
@@ -142,6 +191,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             out_channels=self.out_latent_channels,
             embedding_dim=self.inner_dim,
             first_timestep_stage=1,
+            stage_upsampling=upsampling,
         )
 
     @apply_lora_scale("joint_attention_kwargs")
@@ -159,7 +209,8 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
     ) -> DFMTransformer2DModelOutput | tuple[list[torch.Tensor]]:
         """
         Args:
-            hidden_states: list of S noisy stage latents [B, C, H_s, W_s], coarse to fine, C = in_channels // 4.
+            hidden_states: list of S noisy stage tensors [B, C, H_s * u_s, W_s * u_s] (u_s = stage_upsampling[s]:
+                stage 0 carried at the finest resolution by default), coarse to fine, C = in_channels // 4.
             encoder_hidden_states: text tokens [B, L, joint_attention_dim].
             pooled_projections: pooled text embedding [B, pooled_projection_dim].
             timestep: per-stage sigmas [B, S] in [0, 1] (scaled by 1000 inside, as FLUX does).
@@ -263,6 +314,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         share_weights: bool = False,
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
+        stage_upsampling: Sequence[int] | None = None,
         **load_kwargs,
     ) -> "DFMTransformer2DModel":
         """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
@@ -270,18 +322,21 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         Args:
             flux: a FluxTransformer2DModel, or a local path / Hub id loaded with FluxTransformer2DModel.from_pretrained
                 (with ``subfolder``, ``torch_dtype`` and ``load_kwargs``).
-            num_stages, stage_factors: the DFM stages (see the class docstring for the supported combinations).
+            num_stages, stage_factors: the DFM stages (any factors, see the class docstring).
+            stage_upsampling: carrier factors (default: the paper's layout, stage 0 at the finest resolution; see the
+                module docstring). ``[1, 1]`` at factor 2 builds the first implementation's conversion instead.
             torch_dtype: dtype of the result (default: FLUX's).
             share_weights: if True, the blocks and embedders use FLUX's very parameter objects (no extra memory;
                 training one trains the other). Default: copies. A FLUX loaded from a path is always shared.
 
-        Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0, whose patch size is
-        p0 = 2 / r for a stage-0 resolution r times below the finest: its patch embedding is FLUX's x_embedder
-        summed over the r x r sub-pixels that nearest upsampling fills with the same value; its head is FLUX's
-        norm_out and FLUX's proj_out averaged over those sub-pixels. So the stage-0 velocity equals
-        avgpool_r(unpack(FLUX(pack(nearest_up_r(x_0))))). Stages >= 1: patch embedding, timestep embedder output
-        layer (its first layer keeps PyTorch's default init, otherwise it could never learn), head and the
-        stage-index embedding are zero, so their velocities are 0 and they do not disturb stage 0.
+        Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0 with the default layout: its
+        patch embedding and head are FLUX's x_embedder / norm_out / proj_out verbatim, so its velocity equals
+        unpack(FLUX(pack(carrier))) on the (finest-resolution) carrier. With a stage-0 patch size p0 = 2 / r < 2
+        (``stage_upsampling[0] = 1``): FLUX's x_embedder summed over the r x r sub-pixels that nearest upsampling
+        fills with the same value and proj_out averaged over them, i.e. avgpool_r(unpack(FLUX(pack(nearest_up_r(x_0)))))
+        (the noise is then constant over r x r blocks, which FLUX never saw). Stages >= 1: patch embedding, timestep
+        embedder output layer (its first layer keeps PyTorch's default init, otherwise it could never learn), head
+        and the stage-index embedding are zero, so their velocities are 0 and they do not disturb stage 0.
         The result is in eval mode, like from_pretrained's.
         """
         if isinstance(flux, (str, os.PathLike)):
@@ -311,6 +366,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 stage_factors=stage_factors,
                 stage_scales=stage_scales,
                 decomposition_antialias=decomposition_antialias,
+                stage_upsampling=stage_upsampling,
             )
 
         # 1) Everything outside stage_layers is FLUX's own (shared or copied).

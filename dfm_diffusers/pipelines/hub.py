@@ -118,8 +118,10 @@ class DFMHubMixin:
         check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
 
-    def model_card(self, repo_id: str, base_model: str | None = None) -> str:
-        """Markdown model card (with YAML metadata) describing the DFM settings and how to load."""
+    def model_card(self, repo_id: str, base_model: str | None = None, sampling: dict | None = None) -> str:
+        """Markdown model card (with YAML metadata) describing the DFM settings and how to load; ``sampling``: the
+        recommended call settings (e.g. ``{"true_cfg_scale": 3.0, "guidance_scale": 1.0}``), listed and used in
+        the example."""
         t, s = self.transformer.config, self.scheduler.config
         thresholds = list(s.stage_thresholds)
         taus = [round(1 - x, 6) for x in thresholds]
@@ -141,9 +143,19 @@ class DFMHubMixin:
             f"- transformer: `{type(self.transformer).__name__}`",
             f"- stages: {t.num_stages}, resolution factors between stages: {t.stage_factors}",
             f"- steps per stage: {list(s.steps_per_stage)}",
-            f"- stage thresholds (sigma, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
+            f"- stage thresholds (actual sigma after the time shift, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
             f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
             "",
+        ]
+        call_kwargs = "".join(f", {k}={v!r}" for k, v in (sampling or {}).items())
+        if sampling:
+            lines += ["## Recommended sampling settings", ""]
+            lines += [f"- `{k}={v!r}`" for k, v in sampling.items()]
+            if "true_cfg_scale" in sampling and self.model_card_kind == "flux":
+                lines += ["", "Without a negative prompt, true CFG guides against the empty prompt (what caption "
+                          "dropout trained as the unconditional input)."]
+            lines.append("")
+        lines += [
             "## How to load",
             "",
             "```python",
@@ -154,12 +166,12 @@ class DFMHubMixin:
         ]
         if self.model_card_kind == "flux":
             lines += [
-                'out = pipe("a photo of a cat", return_previews=True)',
+                f'out = pipe("a photo of a cat"{call_kwargs}, return_previews=True)',
                 "out.images[0].save('cat.png')  # out.previews: one low-resolution preview per stage",
             ]
         else:
             lines += [
-                "out = pipe(class_labels=[1, 2, 3], return_previews=True)",
+                f"out = pipe(class_labels=[1, 2, 3]{call_kwargs}, return_previews=True)",
                 "out.images[0].save('sample.png')  # out.previews: one low-resolution preview per stage",
             ]
         lines += ["```", "", "Install with `pip install dfm-diffusers`; the pipeline needs `import dfm_diffusers`."]

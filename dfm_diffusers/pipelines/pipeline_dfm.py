@@ -25,8 +25,10 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     """Text-to-image DFM pipeline with FluxPipeline's components and call signature.
 
     ``num_inference_steps`` is replaced by ``steps_per_stage`` (a list, or an int total split in the
-    scheduler's ratio); ``stage_thresholds`` (sigmas) can be overridden per call; ``latents`` is a list of
-    per-stage latents [B, C, H_s, W_s]. The time shift is FLUX's dynamic shifting with mu computed from the
+    scheduler's ratio); ``stage_thresholds`` (the actual sigma, after the time shift, of stage s-1 when stage s
+    starts) can be overridden per call; ``latents`` is a list of
+    per-stage latents shaped like :meth:`latent_stage_shapes` (stage 0 carried at the finest resolution by
+    default: i.i.d. noise there is the prior the model was converted and trained with). The time shift is FLUX's dynamic shifting with mu computed from the
     token count (the finest stage's), when the scheduler has ``use_dynamic_shifting`` (as converted FLUX.1-dev
     schedulers do), else the scheduler's static ``shift``.
     """
@@ -67,11 +69,13 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         stage_factors=2,
         steps_per_stage=None,
         stage_thresholds=None,
+        stage_upsampling=None,
     ) -> "DFMPipeline":
         """Convert a loaded FluxPipeline: DFMTransformer2DModel.from_flux + DFMScheduler.from_flow_match;
-        the text encoders, tokenizers and VAE are shared with ``flux_pipe``."""
+        the text encoders, tokenizers and VAE are shared with ``flux_pipe``. ``stage_upsampling`` is from_flux's
+        (default: the paper's conversion, stage 0 carried at the finest resolution)."""
         transformer = DFMTransformer2DModel.from_flux(
-            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors
+            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors, stage_upsampling=stage_upsampling
         )
         scheduler = DFMScheduler.from_flow_match(
             flux_pipe.scheduler, num_stages=num_stages, steps_per_stage=steps_per_stage, stage_thresholds=stage_thresholds
@@ -90,7 +94,8 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         return super().check_inputs(prompt, prompt_2, height, width, *args, **kwargs)
 
     def latent_stage_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Per-stage latent sizes for an image of height x width pixels; ValueError if they do not fit."""
+        """Per-stage latent (carrier) sizes for an image of height x width pixels; ValueError if they do not fit.
+        With the default conversion stage 0 is carried at the finest latent resolution (its noise is drawn there)."""
         total = self.decomposition.total_factor
         multiple = self.vae_scale_factor * (2 * total // math.gcd(2, total))
         if height % multiple or width % multiple:
@@ -156,6 +161,13 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
     ):
         """Generate images coarse to fine.
 
+        Guidance: ``true_cfg_scale`` > 1 runs true classifier-free guidance on every active stage,
+        v = v_neg + true_cfg_scale * (v_cond - v_neg). Without ``negative_prompt`` / ``negative_prompt_embeds`` the
+        negative is the empty prompt "" (what training with caption dropout learns as unconditional; FluxPipeline
+        would skip CFG instead). ``guidance_scale`` feeds FLUX-dev's distilled-guidance embedding. A converted,
+        not yet finetuned FLUX.1-dev is used like FLUX (guidance_scale 3.5, true_cfg_scale 1); a DFM-finetuned one
+        as in the paper: true_cfg_scale 3.0 with guidance_scale 1.0 (the value it was trained with).
+
         Callbacks are called as ``callback_on_step_end(pipe, step, timestep_row [S], callback_kwargs)``;
         ``callback_kwargs`` holds the requested tensors ("latents" is the list of stage latents) plus
         ``stage_index`` (the phase) and ``stage_sigmas`` ([S], the sigmas the transformer just received).
@@ -196,7 +208,9 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
         has_neg_prompt = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None
         )
-        do_true_cfg = true_cfg_scale > 1 and has_neg_prompt
+        do_true_cfg = true_cfg_scale > 1
+        if do_true_cfg and not has_neg_prompt:
+            negative_prompt = [""] * batch_size  # the unconditional prompt that caption dropout trains
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
             prompt_2=prompt_2,

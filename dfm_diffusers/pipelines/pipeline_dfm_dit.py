@@ -84,7 +84,8 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
             guidance_scale: classifier-free guidance scale (1 = off), applied per active stage.
             guidance_interval: optional (low, high) sigma interval: a stage is guided only while its own sigma
                 lies inside it (guidance interval, Kynkaanniemi et al. 2024).
-            steps_per_stage / stage_thresholds: override the scheduler config for this call.
+            steps_per_stage / stage_thresholds: override the scheduler config for this call (thresholds are the
+                actual sigma, after the time shift, at which the next stage starts).
             latents: optional list of per-stage initial noise [B, C, H_s, W_s].
         """
         config = self.transformer.config

@@ -7,7 +7,25 @@ sigma when phase i began. So all trajectories are monotone and all stages reach 
 the table is FluxPipeline's linspace(1, 1/N, N) followed by 0.
 
 The optional time shift (static ``shift`` or FLUX's dynamic shifting with ``mu``) is a monotone map applied
-to every entry of the table; thresholds are given before the shift.
+to every entry of the table. ``stage_thresholds`` are ACTUAL sigmas, after the shift: stage s starts when stage
+s-1's shifted sigma equals theta_s, i.e. the noise level the model sees is what the paper's tau = 1 - theta means.
+So the table is built in unshifted space with the thresholds mapped back through the inverse shift
+(every shift here is sigma' = k / (k + 1/sigma - 1), k = shift, exp(mu) or mu, whose inverse is
+sigma = 1 / (1 + k (1/sigma' - 1))), then shifted. Without it, FLUX's 1024px mu = 1.15 would move the paper's
+sigma 0.05 (tau 0.95) to an actual 0.14, and 0.1 to 0.26.
+
+Which shift each stage gets. One mu (the pipelines compute it from the transformer's token count, the same for
+every stage) shifts the whole table. For the FLUX-DFM model this is the in-distribution choice: its stage 0 is
+carried at the finest resolution with i.i.d. noise there (DFMTransformer2DModel, paper appendix E), so at a given
+sigma FLUX sees exactly the input statistics -- token count, per-token noise, and noise on the coarse content
+(std sigma / f after the f x f block mean) -- of its own full-resolution training at that sigma, for which FLUX's
+mu(image_seq_len) was calibrated. A mu from stage 0's own band size (1/f^2 of the tokens, mu 0.63 instead of 1.15
+at 1024px with f = 2) would fit a model that sees stage 0 at its own resolution with noise drawn there, whose
+coarse content is f times noisier at the same sigma; it does not fit FLUX's carried stage 0, so it is not offered.
+In numbers: the carrier's block means see noise sigma / f against signal 1 - sigma, i.e. the band itself sits at
+sigma_band = sigma / (f - (f - 1) sigma), the inverse of a static shift by f (0.026 at the paper's 0.05, f = 2);
+a natively noised stage 0 would need that shift on top of the table's to reach FLUX's inputs (issue option b's
+remap 2 sigma / (1 + sigma)).
 """
 
 from __future__ import annotations
@@ -148,20 +166,31 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         return steps
 
     # ------------------------------------------------------------------------------------------ the table
-    def _shift_sigmas(self, sigmas: torch.Tensor, mu: float | None) -> torch.Tensor:
-        inside = (sigmas > 0) & (sigmas < 1)
-        s = sigmas.clamp(1e-12, 1.0)
+    def _shift_constant(self, mu: float | None) -> float:
+        """k of the shift sigma' = k / (k + 1/sigma - 1): exp(mu) or mu (dynamic), else the static shift."""
         if self.config.use_dynamic_shifting:
             if mu is None:
                 raise ValueError("mu must be passed to set_timesteps when use_dynamic_shifting is True")
-            if self.config.time_shift_type == "exponential":
-                shifted = math.exp(mu) / (math.exp(mu) + (1 / s - 1))
-            else:
-                shifted = mu / (mu + (1 / s - 1))
-        else:
-            shift = self.config.shift
-            shifted = shift * s / (1 + (shift - 1) * s)
-        return torch.where(inside, shifted, sigmas)
+            k = math.exp(mu) if self.config.time_shift_type == "exponential" else mu
+            if not k > 0:
+                raise ValueError(f"the linear time shift needs mu > 0, got {mu}")
+            return k
+        return self.config.shift
+
+    @staticmethod
+    def _shift_sigmas(sigmas: torch.Tensor, k: float) -> torch.Tensor:
+        if k == 1.0:
+            return sigmas
+        inside = (sigmas > 0) & (sigmas < 1)
+        s = sigmas.clamp(1e-12, 1.0)
+        return torch.where(inside, k / (k + (1 / s - 1)), sigmas)
+
+    @staticmethod
+    def unshift_sigma(sigma: float, k: float) -> float:
+        """Inverse of the shift with constant k: the unshifted sigma that the shift maps to ``sigma``."""
+        if k == 1.0:
+            return sigma
+        return 1.0 / (1.0 + k * (1.0 / sigma - 1.0))
 
     def set_timesteps(
         self,
@@ -175,7 +204,7 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         Args:
             steps_per_stage: Euler steps of each phase; an int total is split in the config's ratio.
             mu: FLUX's dynamic-shift parameter (required when ``use_dynamic_shifting``).
-            stage_thresholds: per-call override of the config's thresholds (sigmas, before the shift).
+            stage_thresholds: per-call override of the config's thresholds (actual sigmas, after the shift).
         """
         if steps_per_stage is None:
             steps = list(self.config.steps_per_stage)
@@ -187,10 +216,12 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
             list(self.config.stage_thresholds) if stage_thresholds is None else self._check_thresholds(stage_thresholds)
         )
         S = self.config.num_stages
+        shift_k = self._shift_constant(mu)
+        unshifted = [self.unshift_sigma(t, shift_k) for t in thresholds]
         rows, active, phase_of_step = [], [], []
         current = [1.0] * S
         for i, n in enumerate(steps):
-            end = thresholds[i] if i < S - 1 else 0.0
+            end = unshifted[i] if i < S - 1 else 0.0
             start = list(current)  # a_j for earlier stages; stage i starts at 1
             for k in range(n):
                 sigma_i = 1.0 - k * (1.0 - end) / n
@@ -199,7 +230,7 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
                 phase_of_step.append(i)
             current = [start[j] * end if j < i else (end if j == i else 1.0) for j in range(S)]
         rows.append([0.0] * S)
-        sigmas = self._shift_sigmas(torch.tensor(rows, dtype=torch.float64), mu).float()
+        sigmas = self._shift_sigmas(torch.tensor(rows, dtype=torch.float64), shift_k).float()
         self.sigmas = sigmas.to(device)
         self.timesteps = (sigmas[:-1] * self.config.num_train_timesteps).to(device)
         self.num_active_stages = torch.tensor(active, dtype=torch.long, device=device)

@@ -59,8 +59,9 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     stage_factors: int | list[int] = setting(2, "resolution factor between consecutive stages (int or S - 1 ints)")
     # decomposition (the DFM training distribution's fields are DFMObjectiveConfig's)
     stage_scales: list[float] | str | None = setting(
-        None, "per-stage standardization: null (bands as they are), S positive floats, or auto / auto_relative "
-        "(estimated from stage_scales_samples training examples before training; dfm_diffusers.data.band_stats)"
+        "auto", "per-stage standardization: auto (default; each band divided by its std, estimated from "
+        "stage_scales_samples training examples before training; no-op with 1 stage), auto_relative (detail bands "
+        "brought to stage 0's std), S positive floats, or null (bands as they are). RESULTS.md: auto beats null"
     )
     stage_scales_samples: int = setting(4096, "training examples used to estimate stage_scales auto / auto_relative")
     decomposition_antialias: bool = setting(False, "antialiased downsampling in the Laplacian decomposition")
@@ -278,10 +279,12 @@ def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: st
 def resolve_stage_scales(config, model, dataset, vae=None, device=None) -> dict:
     """``stage_scales: auto`` / ``auto_relative``: estimate the scales from ``dataset`` (the training data, same
     transform) with the model's decomposition, store them in the model's config (so the exported pipeline and the
-    previews use them) and print them. Returns hparams to log (empty when the scales are not estimated)."""
+    previews use them) and print them. Returns hparams to log (empty when the scales are not estimated).
+    With one stage there are no bands to balance: the data stays as it is, so ``num_stages: 1`` remains plain flow
+    matching (the baseline) whatever ``stage_scales`` says."""
     from ..data.band_stats import estimate_stage_scales
 
-    if not isinstance(config.stage_scales, str):
+    if not isinstance(config.stage_scales, str) or model.config.num_stages == 1:
         return {}
     decomposition = LaplacianDecomposition.from_config(model.config)
     scales, stats = estimate_stage_scales(

@@ -1,7 +1,8 @@
 """Text-to-image DFM finetuning of FLUX (paper appendix E), used by train_dfm_flux.py.
 
-Starts from a FluxPipeline (converted with :meth:`DFMPipeline.from_flux_pipeline`: stage 0 reuses FLUX's layers,
-later stages start at zero) or from an existing DFMPipeline folder, and trains the DFMTransformer2DModel on
+Starts from a FluxPipeline (converted with :meth:`DFMPipeline.from_flux_pipeline`: stage 0 is carried at the full
+latent resolution and reuses FLUX's layers verbatim, later stages start at zero; the decomposition hands the
+trainer stage 0 nearest-upsampled, so its noise is drawn i.i.d. at full resolution as in FLUX's own training) or from an existing DFMPipeline folder, and trains the DFMTransformer2DModel on
 captioned images with the shared DFM objective (:func:`.objective.dfm_objective`) inside the shared loop
 (:func:`.loop.run_training`). Per batch: captions -> the pipeline's ``encode_prompt`` (frozen text encoders,
 optional caption dropout to the empty prompt), images -> the frozen VAE (FLUX's ``(z - shift) * scale``),
@@ -68,6 +69,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     revision: str | None = setting(None, "Hub revision of pretrained")
     num_stages: int | None = setting(None, "DFM stages (default: 2 when converting FLUX; a DFMPipeline's own)")
     stage_factors: int | list[int] | None = setting(None, "factor between stages (default 2 / the folder's own)")
+    stage_upsampling: list[int] | None = setting(
+        None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
+        "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
+    )
     weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "dtype of the frozen weights; auto follows mixed_precision (bf16 -> bfloat16)"
     )
@@ -88,7 +93,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     center_crop: bool = setting(True, "center crop (else random crop) to resolution")
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
-    caption_dropout: float = setting(0.0, "probability of training on the empty prompt (for classifier-free guidance)")
+    caption_dropout: float = setting(
+        0.1, "probability of training on the empty prompt (the paper's 10%; enables true CFG at inference)"
+    )
     max_bad_sample_fraction: float = setting(
         0.05, "unreadable images and rows without a usable caption are skipped (each named) up to this fraction"
     )
@@ -96,7 +103,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         False, "keep rows with an empty/null caption as the empty prompt (still reported); else they are skipped"
     )
     # text conditioning
-    guidance_scale: float = setting(1.0, "value fed to FLUX-dev's guidance embedding during training")
+    guidance_scale: float = setting(
+        1.0, "value fed to FLUX-dev's distilled-guidance embedding during training (the paper: fixed at 1.0)"
+    )
     max_sequence_length: int = setting(512, "T5 tokens (FLUX.1-dev: 512, schnell: 256)")
     # LoRA (lora: false = full finetune)
     lora: bool = setting(True, "LoRA finetune (false: full finetune of the transformer)")
@@ -111,7 +120,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     fuse_lora_on_export: bool = setting(False, "export the LoRA merged into the transformer, not as a separate file")
     # validation samples (and the exported scheduler's defaults)
     validation_prompts: list[str] | None = setting(None, "prompts of the validation samples (default: 'a photo')")
-    validation_guidance_scale: float = setting(3.5, "guidance scale of the validation samples")
+    # the paper's sampling settings for a DFM-finetuned FLUX (true CFG 3.0 against the empty prompt, guidance 1.0);
+    # also recorded in the exported model card as the recommended ones
+    validation_true_cfg_scale: float = setting(3.0, "true classifier-free guidance scale of the validation samples")
+    validation_guidance_scale: float = setting(1.0, "FLUX-dev guidance-embedding value of the validation samples")
     steps_per_stage: list[int] | None = setting(None, "sampling steps of each stage (the exported scheduler's)")
     stage_thresholds: list[float] | None = setting(
         None, "sigma at which each later stage starts: 0.05 = the paper's tau 0.95 at 1024px"
@@ -203,7 +215,8 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
     that is neither a FluxPipeline nor a DFMPipeline, stage settings the model cannot take, or a resolution
     the stages cannot split (the same rule as DFMPipeline.latent_stage_shapes).
     """
-    from ..models.transformer_dfm_flux import FLUX_PACKING
+    from ..models.stage_layers import stage_patch_sizes
+    from ..models.transformer_dfm_flux import FLUX_PACKING, default_stage_upsampling
 
     index = _read_json(config.pretrained, "model_index.json", config.revision)
     class_name = index.get("_class_name")
@@ -219,15 +232,18 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
             )
         if config.stage_factors is not None and normalize_stage_factors(num_stages, config.stage_factors) != factors:
             raise ValueError(f"{config.pretrained} has stage_factors {factors}, not {config.stage_factors}")
+        folder_upsampling = tconf.get("stage_upsampling") or default_stage_upsampling(num_stages, factors)
+        if config.stage_upsampling is not None and list(config.stage_upsampling) != list(folder_upsampling):
+            raise ValueError(
+                f"{config.pretrained} has stage_upsampling {folder_upsampling}, not {config.stage_upsampling}; it is "
+                f"fixed at conversion"
+            )
     elif class_name == "FluxPipeline":
         kind = "flux"
         num_stages = 2 if config.num_stages is None else config.num_stages
         factors = normalize_stage_factors(num_stages, 2 if config.stage_factors is None else config.stage_factors)
-        if FLUX_PACKING % math.prod(factors):
-            raise ValueError(
-                f"num_stages={num_stages} with stage_factors={factors} is not supported by DFMTransformer2DModel "
-                f"(FLUX's 2x2 packing allows num_stages 1, or 2 with factor 2)"
-            )
+        upsampling = config.stage_upsampling or default_stage_upsampling(num_stages, factors)
+        stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError if no token grid fits
     else:
         raise ValueError(
             f"{config.pretrained} holds a {class_name}; expected a FluxPipeline (converted to DFM here) or a "
@@ -270,7 +286,7 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
         flux = FluxPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, revision=config.revision)
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
-            stage_thresholds=config.stage_thresholds,
+            stage_thresholds=config.stage_thresholds, stage_upsampling=config.stage_upsampling,
         )
         del flux
     else:
@@ -429,7 +445,8 @@ class FluxTask:
             with self._autocast(device):
                 out = pipe(
                     prompt, height=self.config.resolution, width=self.config.resolution,
-                    guidance_scale=self.config.validation_guidance_scale, output_type="pt", return_previews=True,
+                    guidance_scale=self.config.validation_guidance_scale,
+                    true_cfg_scale=self.config.validation_true_cfg_scale, output_type="pt", return_previews=True,
                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
                     max_sequence_length=self.config.max_sequence_length,
                 )
@@ -476,8 +493,16 @@ class FluxTask:
             raise RuntimeError(f"internal error: export left {left[:4]} on the meta device")
         return clean.eval()
 
+    def recommended_sampling(self) -> dict:
+        """The sampling settings the exported model card recommends (the validation ones: by default the paper's
+        true_cfg_scale 3.0 with guidance_scale 1.0, the value the guidance input was trained with)."""
+        settings = {"true_cfg_scale": float(self.config.validation_true_cfg_scale)}
+        if self.transformer.config.guidance_embeds:
+            settings["guidance_scale"] = float(self.config.validation_guidance_scale)
+        return settings
+
     def model_card(self, repo_id: str, pipe) -> str:
-        card = pipe.model_card(repo_id, base_model=self.config.pretrained)
+        card = pipe.model_card(repo_id, base_model=self.config.pretrained, sampling=self.recommended_sampling())
         if self.config.lora and not self.config.fuse_lora_on_export:
             card += (
                 f"\n## LoRA: load it too\n\nThis folder's transformer holds the base weights and the trained DFM stage "

@@ -1,0 +1,379 @@
+"""A small analog of the paper's FLUX finetuning experiment (Table 3; issue 10 part 5), on a GPU in one command.
+
+    python bench/flux_finetune_analog.py --out runs/flux-analog            # GPU; resumable: run the same command
+                                                                            # again after a time limit to go on
+    python bench/flux_finetune_analog.py --out /tmp/a --smoke              # minutes on a CPU: the pipeline works
+
+No FLUX weights exist offline, so the analog uses the FLUX architecture itself: a small FluxTransformer2DModel
+(guidance embedding, the test harness's tiny CLIP/T5 text encoders, captions "a photo of a <class name>"), in a
+pseudo-latent space (Fashion-MNIST 32x32 in [-1, 1], space-to-depth 2x2 -> 4 x 16 x 16, scaled to unit variance;
+FLUX's 2x2 packing then gives 8x8 tokens).
+
+1. pretrain: plain flow matching (the shared DFM objective with one stage, caption dropout 0.1, guidance input 1)
+   on data A = classes 0-4, ``--pretrain-steps`` steps;
+2. finetune on data B = classes 5-9 for ``--finetune-steps`` equal steps, every method and seed from the same
+   pretrained weights, full finetuning, the shared training loop (dfm_diffusers.training.loop.run_training):
+   - ``ft``: FM finetuning (DFMTransformer2DModel.from_flux(num_stages=1) == FLUX; the paper's FLUX-FT);
+   - ``dfm_old``: DFM, 2 stages at factor 2, the first implementation's conversion (stage_upsampling=[1, 1]:
+     stage 0 noised at its own resolution and nearest-upsampled into FLUX);
+   - ``dfm_new``: DFM, 2 stages at factor 2, the paper's conversion (stage 0 carried at full resolution).
+3. report:
+   - step 0, "replicates FLUX" measured: for each conversion, the stage-0 clean-estimate error of the converted model
+     on held-out B (and A) content at sigma 0.1..0.9, divided by the pretrained model's own error on the same
+     low-resolution content presented in distribution (its nearest upsampling + i.i.d. full-resolution noise);
+     1.00 = replicates;
+   - FD on B (features of a small classifier trained on B, dfm_diffusers.evaluation; no Inception offline) of
+     ``--num-samples`` samples at 4 checkpoints, for ``--seeds`` seeds; sampling as the paper: true CFG
+     ``--cfg`` (default 3.0) against the empty prompt, guidance input 1.0, FM ``--steps`` steps, DFM split 3:1;
+   - sample grids with the stage previews (final checkpoint).
+Everything goes to --out: pretrained/ (FLUX), classifier.pt, replication.json, runs/<method>-seed<k>/ (the training
+loop's checkpoints and logs), fd.jsonl (one row per method, seed, step), results.json and RESULTS.md, grids/*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the offline tiny text encoders of the test harness
+
+from conftest import make_tiny_flux_components, make_tiny_tokenizers  # noqa: E402
+from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
+
+from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
+from dfm_diffusers.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
+from dfm_diffusers.evaluation import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from dfm_diffusers.training.loop import LoopConfig, run_training  # noqa: E402
+from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  # noqa: E402
+from dfm_diffusers.visualize import image_grid  # noqa: E402
+
+CLASSES_A, CLASSES_B = list(range(5)), list(range(5, 10))
+METHODS = {"ft": dict(num_stages=1), "dfm_old": dict(num_stages=2, stage_upsampling=[1, 1]),
+           "dfm_new": dict(num_stages=2)}
+MAX_TEXT = 16
+
+
+@dataclass
+class AnalogConfig(LoopConfig, DFMObjectiveConfig):
+    """Training settings of one run (the shared loop's and the DFM objective's fields)."""
+
+    caption_dropout: float = 0.1
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """(latent [4, 16, 16], class label) pairs."""
+
+    def __init__(self, latents, labels):
+        self.latents, self.labels = latents, labels
+
+    def __len__(self):
+        return len(self.latents)
+
+    def __getitem__(self, i):
+        return {"latent": self.latents[i], "label": self.labels[i]}
+
+
+def load_data(classes, split, data_dir=None, max_per_class=None):
+    """Fashion-MNIST images of ``classes``: ([N, 1, 32, 32] in [-1, 1], labels [N])."""
+    images, labels = load_fashion_mnist(data_dir, split)
+    keep = torch.isin(labels, torch.tensor(classes))
+    images, labels = images[keep], labels[keep]
+    if max_per_class:
+        index = torch.cat([torch.nonzero(labels == c)[:max_per_class, 0] for c in classes])
+        images, labels = images[index], labels[index]
+    x = F.pad(images.float() / 127.5 - 1, (2, 2, 2, 2), value=-1)[:, None]
+    return x, labels.long()
+
+
+class LatentSpace:
+    """Images [N, 1, 32, 32] <-> pseudo-latents [N, 4, 16, 16] (space-to-depth, affine to zero mean, unit std)."""
+
+    def __init__(self, mean: float, std: float):
+        self.mean, self.std = mean, std
+
+    def encode(self, x):
+        return (F.pixel_unshuffle(x, 2) - self.mean) / self.std
+
+    def decode(self, z):
+        return F.pixel_shuffle(z * self.std + self.mean, 2).clamp(-1, 1)
+
+
+class TextBank:
+    """Prompt embeddings of "a photo of a <class>" for the 10 classes and of the empty prompt (index 10), from the
+    harness's tiny CLIP/T5 (frozen, computed once)."""
+
+    def __init__(self, folder: str, device):
+        os.makedirs(folder, exist_ok=True)
+        components = make_tiny_flux_components(make_tiny_tokenizers(folder))
+        pipe = FluxPipeline(**components)
+        prompts = [f"a photo of a {name.lower()}" for name in FASHION_MNIST_CLASSES] + [""]
+        with torch.no_grad():
+            embeds, pooled, _ = pipe.encode_prompt(prompts, prompt_2=None, max_sequence_length=MAX_TEXT)
+        self.embeds, self.pooled = embeds.to(device), pooled.to(device)
+        self.empty = len(prompts) - 1
+
+    def lookup(self, labels, dropout: float = 0.0, generator=None):
+        index = labels.clone()
+        if dropout > 0:
+            drop = torch.rand(len(labels), generator=generator, device=labels.device) < dropout
+            index[drop] = self.empty
+        return self.embeds[index], self.pooled[index]
+
+
+def flux_config(args) -> dict:
+    return dict(patch_size=1, in_channels=16, num_layers=args.layers, num_single_layers=args.single_layers,
+                attention_head_dim=32, num_attention_heads=args.heads, joint_attention_dim=32, pooled_projection_dim=32,
+                guidance_embeds=True, axes_dims_rope=(8, 12, 12))
+
+
+def run_flux(flux, y, sigma, embeds, pooled):
+    """Plain FLUX velocity on [B, 4, H, W] (FluxPipeline's packing and ids, guidance input 1)."""
+    b, c, h, w = y.shape
+    out = flux(hidden_states=FluxPipeline._pack_latents(y, b, c, h, w), encoder_hidden_states=embeds,
+               pooled_projections=pooled, timestep=sigma, guidance=torch.ones(b, device=y.device),
+               img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, y.device, y.dtype),
+               txt_ids=torch.zeros(embeds.shape[1], 3, device=y.device)).sample
+    return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
+
+
+def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
+    """loss_fn(model, batch) of the shared loop: the DFM objective (one stage = flow matching) on the batch."""
+
+    def loss_fn(model, batch):
+        latents = batch["latent"]
+        embeds, pooled = text.lookup(batch["label"].to(latents.device), config.caption_dropout)
+        base = model.module if hasattr(model, "module") else model
+
+        def predict(inputs, draw):
+            if isinstance(base, DFMTransformer2DModel):
+                return model(hidden_states=inputs, encoder_hidden_states=embeds, pooled_projections=pooled,
+                             timestep=draw.sigmas, num_active_stages=draw.num_active_stages,
+                             guidance=torch.ones(len(latents), device=latents.device), return_dict=False)[0]
+            return [run_flux(model, inputs[0], draw.sigmas[:, 0], embeds, pooled)]
+
+        bands = decomposition.decompose(latents) if decomposition is not None else [latents]
+        out = dfm_objective(config, bands, predict)
+        return out.loss, out.logs
+
+    return loss_fn
+
+
+def make_pipeline(model, steps: int, threshold: float):
+    num_stages = model.config.num_stages
+    split = [steps] if num_stages == 1 else [steps - steps // 4, steps // 4]
+    scheduler = DFMScheduler(num_stages=num_stages, steps_per_stage=split,
+                             stage_thresholds=[threshold] * (num_stages - 1))
+    pipe = DFMPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                       tokenizer_2=None, transformer=model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(model, text: TextBank, space: LatentSpace, labels, args, seed: int, previews: bool = False):
+    """Images [N, 1, 32, 32] for class ``labels`` (true CFG against the empty prompt, guidance input 1)."""
+    pipe = make_pipeline(model, args.steps, args.threshold)
+    images, stage_previews = [], None
+    g = torch.Generator(device=labels.device).manual_seed(seed)
+    for chunk in labels.split(args.sample_batch):
+        embeds, pooled = text.lookup(chunk)
+        empty = torch.full_like(chunk, text.empty)
+        neg, neg_pooled = text.lookup(empty)
+        out = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg,
+                   negative_pooled_prompt_embeds=neg_pooled, true_cfg_scale=args.cfg, guidance_scale=1.0,
+                   height=16 * pipe.vae_scale_factor, width=16 * pipe.vae_scale_factor, generator=g,
+                   output_type="latent", return_previews=previews)
+        images.append(space.decode(out.images.float()))
+        if previews and stage_previews is None:
+            stage_previews = [space.decode(p.float()) for p in out.previews]
+    return torch.cat(images), stage_previews
+
+
+@torch.no_grad()
+def replication(flux, model, text, latents, labels, sigmas, seed=0):
+    """Stage-0 clean-estimate error of the converted ``model`` / the pretrained FLUX's own error on the same
+    low-resolution content presented in distribution (nearest upsampling + i.i.d. full-resolution noise)."""
+    g = torch.Generator(device=latents.device).manual_seed(seed)
+    coarse = LaplacianDecomposition(2, 2).decompose(latents)[0]
+    carrier = F.interpolate(coarse, scale_factor=2, mode="nearest")
+    stage0 = LaplacianDecomposition.from_config(model.config).decompose(latents)[0]
+    embeds, pooled = text.lookup(labels)
+    b = len(latents)
+    rows = []
+    for s in sigmas:
+        sig = torch.full((b,), s, device=latents.device)
+        y = (1 - s) * carrier + s * torch.randn(carrier.shape, generator=g, device=latents.device)
+        reference = F.avg_pool2d(y - s * run_flux(flux, y, sig, embeds, pooled), 2)
+        if stage0.shape == carrier.shape:  # the carrier conversion: the very input FLUX got
+            z = y
+        else:
+            z = (1 - s) * stage0 + s * torch.randn(stage0.shape, generator=g, device=latents.device)
+        bands = [z, torch.zeros_like(latents)]
+        v = model(hidden_states=bands, encoder_hidden_states=embeds, pooled_projections=pooled,
+                  timestep=torch.stack([sig, torch.ones_like(sig)], 1),
+                  num_active_stages=torch.ones(b, dtype=torch.long, device=latents.device),
+                  guidance=torch.ones(b, device=latents.device)).sample[0]
+        estimate = z - s * v
+        estimate = F.avg_pool2d(estimate, estimate.shape[-1] // coarse.shape[-1]) if estimate.shape != coarse.shape \
+            else estimate
+        converted_err = (estimate - coarse).pow(2).mean().item()
+        reference_err = (reference - coarse).pow(2).mean().item()
+        rows.append(dict(sigma=s, converted=converted_err, pretrained=reference_err, ratio=converted_err / reference_err))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--pretrain-steps", type=int, default=8000)
+    parser.add_argument("--finetune-steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--finetune-lr", type=float, default=1e-4)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--single-layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--sample-batch", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=40, help="sampling steps (DFM: split 3:1 between its stages)")
+    parser.add_argument("--threshold", type=float, default=0.2, help="DFM stage threshold (actual sigma)")
+    parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--classifier-steps", type=int, default=2000)
+    parser.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the whole path in minutes on a CPU")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.pretrain_steps, args.finetune_steps, args.batch_size, args.num_samples = 40, 8, 16, 40
+        args.layers, args.single_layers, args.heads, args.classifier_steps, args.sample_batch = 1, 1, 2, 20, 40
+        args.steps, args.seeds = 8, 1
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    os.makedirs(args.out, exist_ok=True)
+    per_class = 200 if args.smoke else None
+
+    text = TextBank(os.path.join(args.out, "tokenizers"), device)
+    x_a, y_a = load_data(CLASSES_A, "train", args.data_dir, per_class)
+    x_b, y_b = load_data(CLASSES_B, "train", args.data_dir, per_class)
+    x_b_test, y_b_test = load_data(CLASSES_B, "test", args.data_dir, per_class)
+    x_a_test, y_a_test = load_data(CLASSES_A, "test", args.data_dir, per_class)
+    probe = F.pixel_unshuffle(x_a, 2)
+    space = LatentSpace(probe.mean().item(), probe.std().item())
+    loop = dict(train_batch_size=args.batch_size, mixed_precision=args.mixed_precision, use_ema=False,
+                report_to="none", checkpoints_total_limit=1, resume_from_checkpoint="latest", log_every=50,
+                lr_warmup_steps=0 if args.smoke else 200)
+
+    # 1) pretrain FLUX with flow matching on A
+    pretrained_dir = os.path.join(args.out, "pretrained")
+    if not os.path.isfile(os.path.join(pretrained_dir, "config.json")):
+        torch.manual_seed(0)
+        flux = FluxTransformer2DModel(**flux_config(args))
+        config = AnalogConfig(output_dir=os.path.join(args.out, "pretrain_run"), max_train_steps=args.pretrain_steps,
+                              learning_rate=args.lr, checkpointing_steps=max(args.pretrain_steps // 10, 1),
+                              validation_steps=0, **loop)
+        run_training(config, flux, LatentDataset(space.encode(x_a), y_a), make_loss_fn(config, text, None))
+        flux.to("cpu").save_pretrained(pretrained_dir)
+    flux = FluxTransformer2DModel.from_pretrained(pretrained_dir).to(device).eval()
+
+    # 2) step-0 replication of the pretrained model's low-resolution predictions
+    replication_path = os.path.join(args.out, "replication.json")
+    if not os.path.isfile(replication_path):
+        sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
+        report = {}
+        for name in ("dfm_old", "dfm_new"):
+            model = DFMTransformer2DModel.from_flux(flux, **METHODS[name]).to(device)
+            report[name] = {
+                split: replication(flux, model, text, space.encode(x[:1000]).to(device), y[:1000].to(device), sigmas)
+                for split, (x, y) in {"B": (x_b_test, y_b_test), "A": (x_a_test, y_a_test)}.items()
+            }
+        with open(replication_path, "w") as f:
+            json.dump(report, f, indent=2)
+    with open(replication_path) as f:
+        replication_report = json.load(f)
+
+    # 3) finetune on B with every method and seed; FD at 4 checkpoints
+    classifier_path = os.path.join(args.out, "classifier.pt")
+    if os.path.isfile(classifier_path):
+        classifier = torch.load(classifier_path, weights_only=False).to(device)
+    else:
+        classifier = train_feature_classifier(x_b, y_b - 5, 5, steps=args.classifier_steps, device=device)
+        torch.save(classifier.cpu(), classifier_path)
+        classifier.to(device)
+    real_features = extract_features(classifier, x_b_test.to(device))
+    fd_path = os.path.join(args.out, "fd.jsonl")
+    done = set()
+    if os.path.isfile(fd_path):
+        with open(fd_path) as f:
+            done = {(r["method"], r["seed"], r["step"]) for r in map(json.loads, f)}
+    eval_labels = torch.tensor(CLASSES_B, device=device).repeat_interleave(args.num_samples // len(CLASSES_B))
+    checkpoint_every = max(args.finetune_steps // 4, 1)
+
+    for method in args.methods:
+        for seed in range(args.seeds):
+            run_dir = os.path.join(args.out, "runs", f"{method}-seed{seed}")
+            if os.path.isfile(os.path.join(run_dir, "done")):
+                continue
+            model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], torch_dtype=torch.float32).train()
+            decomposition = LaplacianDecomposition.from_config(model.config)
+
+            def evaluate(trained, step, method=method, seed=seed):
+                trained.eval()
+                if (method, seed, step) not in done:
+                    samples, _ = generate(trained, text, space, eval_labels, args, seed=1000 + seed)
+                    fd = frechet_distance(extract_features(classifier, samples.to(device)), real_features)
+                    with open(fd_path, "a") as f:
+                        f.write(json.dumps(dict(method=method, seed=seed, step=step, fd=fd)) + "\n")
+                    print(f"{method} seed {seed} step {step}: FD {fd:.3f}", flush=True)
+                if step == args.finetune_steps and seed == 0:
+                    labels = torch.tensor(CLASSES_B, device=device).repeat(2)
+                    images, previews = generate(trained, text, space, labels, args, seed=7, previews=True)
+                    os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+                    image_grid([*(previews or [])[:-1], images], size=64).save(
+                        os.path.join(args.out, "grids", f"{method}.png"))
+                trained.train()
+
+            config = AnalogConfig(output_dir=run_dir, seed=seed, max_train_steps=args.finetune_steps,
+                                  learning_rate=args.finetune_lr, checkpointing_steps=checkpoint_every,
+                                  validation_steps=checkpoint_every, **loop)
+            run_training(config, model, LatentDataset(space.encode(x_b), y_b), make_loss_fn(config, text, decomposition),
+                         sample_fn=evaluate)
+            open(os.path.join(run_dir, "done"), "w").close()
+
+    # 4) summary
+    with open(fd_path) as f:
+        rows = [json.loads(line) for line in f]
+    table = {}
+    for r in rows:
+        table.setdefault(r["method"], {}).setdefault(r["step"], []).append(r["fd"])
+    summary = {m: {s: dict(mean=sum(v) / len(v), values=v) for s, v in sorted(steps.items())}
+               for m, steps in table.items()}
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(dict(args=vars(args), replication=replication_report, fd=summary), f, indent=2)
+    lines = ["# FLUX finetuning analog (bench/flux_finetune_analog.py)", "",
+             "## Step 0: converted stage-0 error / pretrained model's own error (in distribution), held-out B", "",
+             "| sigma | " + " | ".join(replication_report) + " |", "|---" * (len(replication_report) + 1) + "|"]
+    for i, s in enumerate(r["sigma"] for r in next(iter(replication_report.values()))["B"]):
+        lines.append(f"| {s} | " + " | ".join(f"{rep['B'][i]['ratio']:.3f}" for rep in replication_report.values())
+                     + " |")
+    steps = sorted({s for m in summary.values() for s in m})
+    lines += ["", f"## FD on B (mean over seeds; {args.num_samples} samples, true CFG {args.cfg})", "",
+              "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for m, per_step in summary.items():
+        lines.append(f"| {m} | " + " | ".join(f"{per_step[s]['mean']:.3f}" if s in per_step else "-" for s in steps)
+                     + " |")
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

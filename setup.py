@@ -32,6 +32,10 @@ setup(
         "scipy>=1.11,<2",
         "torchmetrics>=1.4,<2",
     ],
-    extras_require={"test": ["pytest>=8,<10", "scikit-image>=0.24,<0.27"]},
+    extras_require={
+        "test": ["pytest>=8,<10", "scikit-image>=0.24,<0.27"],
+        # Inception FID through torchmetrics needs torch-fidelity's feature extractor (weights supplied by the user)
+        "fid": ["torch-fidelity>=0.4,<0.5"],
+    },
     license="Apache-2.0",
 )

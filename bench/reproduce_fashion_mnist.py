@@ -39,7 +39,8 @@ sys.path.insert(0, ROOT)
 
 ARMS = {
     "fm": dict(model="DiT-S/2", num_stages=1),
-    "dfm": dict(model="DFM-DiT-S/2", num_stages=2),  # the library's former defaults: bands as they are, [0.9, 0.1]
+    # the library's former defaults: bands as they are (stage_scales null; auto is the DiT default now), [0.9, 0.1]
+    "dfm": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales=None),
     "dfm_auto": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto"),  # unit-variance bands
     "dfm_auto_w73": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto", stage_weights=[0.7, 0.3]),
 }

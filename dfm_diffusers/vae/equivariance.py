@@ -114,6 +114,12 @@ class ScaleEquivariantVAELoss(torch.nn.Module):
                 if module is not None:
                     module.requires_grad_(False)
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lpips is not None:
+            self.lpips.eval()  # a frozen metric: its dropout stays off
+        return self
+
     def enable_gradient_checkpointing(self):
         self.vae.enable_gradient_checkpointing()
 

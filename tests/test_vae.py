@@ -1,6 +1,8 @@
 """Scale-equivariant VAE: the loss, the spectral diagnostics and the training command (CPU, in-process)."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -166,11 +168,10 @@ def test_spectrum_of_known_signals():
     assert spectrum["high_frequency_fraction"] == pytest.approx(expected, abs=0.005)
     assert expected == pytest.approx(0.5865, abs=1e-4)  # 32 x 32; large grids approach the continuum's 1 - pi / 8
     assert (radial_frequency(512, 512) >= 0.5).mean() == pytest.approx(1 - math.pi / 8, abs=2e-3)
-    flat = np.array(spectrum["power"][1:])  # (bin 0 holds the removed DC term)
-    assert np.allclose(flat, 1 / (n * n - 1), rtol=0.1)
+    assert np.allclose(spectrum["power"], 1 / (n * n - 1), rtol=0.1)  # flat (DC, removed, is not in bin 0)
     # per-channel scaling and shifts (a VAE's scaling_factor / shift_factor) leave the spectrum as it is
     scaled = radial_dct_spectrum(noise * 5.0 + 3.0, num_bins=bins)
-    assert np.allclose(scaled["power"][1:], spectrum["power"][1:], rtol=1e-9)
+    assert np.allclose(scaled["power"], spectrum["power"], rtol=1e-9)
 
 
 def test_diagnostics_psnrs_against_references():
@@ -218,8 +219,11 @@ def runs(tmp_path_factory):
     ]
     full = main(["train", *common, "--output_dir", root / "full", "--max_train_steps", 6])
     main(["train", *common, "--output_dir", root / "resumed", "--max_train_steps", 3])
-    resumed = main(["train", *common, "--output_dir", root / "resumed", "--max_train_steps", 6, "--resume", "latest"])
-    return root, full, resumed
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        resumed = main(["train", *common, "--output_dir", root / "resumed", "--max_train_steps", 6, "--resume",
+                        "latest"])
+    return root, full, {**resumed, "printed": printed.getvalue()}
 
 
 def test_command_trains_exports_and_diagnoses(runs):
@@ -233,6 +237,7 @@ def test_command_trains_exports_and_diagnoses(runs):
     start = AutoencoderKL.from_pretrained(root / "vae0")
     moved = [not torch.equal(a, b) for a, b in zip(vae.parameters(), start.parameters())]
     assert all(moved)  # encoder and decoder trained
+    assert vae.config.scaling_factor == start.config.scaling_factor  # the config (factors included) is kept
     # the export holds the EMA weights of the checkpoint, not the raw ones
     ema = load_file(out / "checkpoints" / "checkpoint-6" / "ema.safetensors")
     raw = load_file(out / "checkpoints" / "checkpoint-6" / "model.safetensors")
@@ -247,12 +252,13 @@ def test_command_trains_exports_and_diagnoses(runs):
     after = json.loads((out / "diagnostics_after.json").read_text())
     assert (out / "diagnostics_before.png").is_file() and (out / "diagnostics_after.png").is_file()
     assert before["reconstruction_psnr"] == pytest.approx(full["diagnostics_before"]["reconstruction_psnr"])
-    # "after" is the exported VAE's, measured again here on the same images
-    from dfm_diffusers.vae.training import diagnostic_images
+    # "after" is the exported VAE's: the diagnose command measures it again on the same images
+    from dfm_diffusers.vae.__main__ import main
 
-    config = load_config(VAETrainingConfig, None, ["--vae", str(root / "vae0"), "--split", "test", "--resolution",
-                                                   "32", "--diagnostic_images", "8"])
-    again = diagnose_vae(vae, diagnostic_images(config, 1))
+    again = main(["diagnose", "--vae", out / "vae", "--split", "test", "--resolution", 32, "--diagnostic_images", 8,
+                  "--output", root / "diagnose" / "after", "--device", "cpu"])
+    assert (root / "diagnose" / "after.png").is_file()
+    assert json.loads((root / "diagnose" / "after.json").read_text())["equivariance_psnr"] == again["equivariance_psnr"]
     assert again["reconstruction_psnr"] == pytest.approx(after["reconstruction_psnr"], abs=1e-3)
     assert again["equivariance_psnr"] == pytest.approx(after["equivariance_psnr"], abs=1e-3)
     # lr 1e-3 on a random VAE: the training objective improves both terms within 6 steps
@@ -268,6 +274,7 @@ def test_resume_matches_the_uninterrupted_run(runs):
 
     root, full, resumed = runs
     assert resumed["global_step"] == 6
+    assert f"resumed from {root / 'resumed' / 'checkpoints' / 'checkpoint-3'} at step 3" in resumed["printed"]
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(root / "full" / "checkpoints" / "checkpoint-6" / name)
         b = load_file(root / "resumed" / "checkpoints" / "checkpoint-6" / name)

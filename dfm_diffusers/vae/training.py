@@ -134,7 +134,7 @@ class VAETask:
             rows += [box_downsample(x, s), vae.decode(box_downsample(z, s)).sample]
         os.makedirs(self.validation_dir, exist_ok=True)
         prefix = os.path.join(self.validation_dir, f"step_{step:07d}")
-        image_grid([r.clamp(-1, 1) for r in rows], size=max(x.shape[-1], 32)).save(prefix + ".png")
+        image_grid([r.clamp(-1, 1) for r in rows], size=max(x.shape[-1], 64)).save(prefix + ".png")
         result = self.diagnose(vae, self.images[: self.config.validation_images])
         write_diagnostics(result, prefix + "_diagnostics", title=f"step {step}")
 

@@ -282,3 +282,28 @@ def test_resume_matches_the_uninterrupted_run(runs):
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6, msg=key)
     assert [r["loss"] for r in resumed["log"]] == pytest.approx([r["loss"] for r in full["log"]], rel=1e-5)
+
+
+def test_decoder_only_run_keeps_the_encoder(runs):
+    from diffusers import AutoencoderKL
+    from dfm_diffusers.vae.__main__ import main
+
+    root = runs[0]
+    out = root / "decoder-only"
+    main(["train", "--vae", root / "vae0", "--split", "test", "--resolution", 32, "--max_samples", 8,
+          "--train_batch_size", 4, "--diagnostic_images", 4, "--validation_images", 2, "--report_to", "none",
+          "--max_train_steps", 2, "--checkpointing_steps", 2, "--validation_steps", 0, "--learning_rate", 1e-3,
+          "--train_encoder", "false", "--output_dir", out])
+    start, vae = AutoencoderKL.from_pretrained(root / "vae0"), AutoencoderKL.from_pretrained(out / "vae")
+    for name, p in vae.named_parameters():
+        same = torch.equal(p, dict(start.named_parameters())[name])
+        assert same == name.startswith(("encoder.", "quant_conv.")), name
+    # checkpoints hold only the trainable (decoder) weights
+    assert (out / "checkpoints" / "checkpoint-2" / "trainable_parameters.safetensors").is_file()
+
+
+def test_example_config_loads():
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "configs", "vae_scale_equivariance.yaml")
+    config = load_config(VAETrainingConfig, path)
+    assert config.equivariance_factors == [2, 4] and config.resolution == 256 and config.max_train_steps == 10000
+    assert config.vae_subfolder == "vae" and not config.center_crop

@@ -10,7 +10,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from ..training.config import parse_cli, positive_int, require, run_cli, setting
+from ..training.config import parse_cli, require, run_cli, setting
 from .training import VAEImageDataConfig, VAETrainingConfig
 
 
@@ -24,8 +24,7 @@ class DiagnoseConfig(VAEImageDataConfig):
     device: str = setting("auto", "torch device ('auto': cuda when available, else cpu)")
 
     def validate(self) -> list[str]:
-        return require(all(s >= 1 for s in self.factors), "factors", f"must be integers >= 1, got {self.factors}") + \
-            positive_int(self, "diagnostic_images")
+        return require(all(s >= 2 for s in self.factors), "factors", f"must be integers >= 2, got {self.factors}")
 
 
 def diagnose_main(argv) -> dict:

@@ -149,16 +149,22 @@ class VAETask:
 def train_vae(config: VAETrainingConfig) -> dict:
     """Load the VAE and data, write the diagnostics before, train, export ``<output_dir>/vae`` and diagnose it.
 
-    Returns the loop's summary with ``export_dir`` = the VAE folder, ``diagnostics_before`` / ``_after``."""
+    Diagnostics run on the main process, on the training device. Returns the loop's summary with ``export_dir`` =
+    the VAE folder, ``diagnostics_before`` / ``_after`` (None on the other processes)."""
+    from accelerate import PartialState
+
     check_config(config)
-    vae = load_autoencoder(config.vae, config.vae_subfolder)
+    state = PartialState()  # the process group accelerate launched (or a single process); run_training shares it
+    vae = load_autoencoder(config.vae, config.vae_subfolder).to(state.device)
     channels = vae.config.in_channels
     dataset = build_image_data(config, channels, train=True)
     images = diagnostic_images(config, channels)
     task = VAETask(config, images)
-    before = task.diagnose(vae)
-    write_diagnostics(before, os.path.join(config.output_dir, "diagnostics_before"), title="before")
-    print(f"before: {summary_line(before)}")
+    before = None
+    if state.is_main_process:
+        before = task.diagnose(vae)
+        write_diagnostics(before, os.path.join(config.output_dir, "diagnostics_before"), title="before")
+        print(f"before: {summary_line(before)}")
     lpips = load_lpips(config.lpips_weights, config.lpips_net) if config.lpips_weights else None
     model = ScaleEquivariantVAELoss(vae, config, lpips=lpips)
     result = run_training(config, model, dataset, task.loss_fn, sample_fn=task.sample_fn,

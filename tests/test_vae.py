@@ -123,6 +123,31 @@ def test_sizes_not_divisible_by_a_factor_are_refused():
         ScaleEquivariantVAELoss(tiny_vae(), ScaleEquivarianceLossConfig(equivariance_factors=[3]))(images(1))
 
 
+class FakePerceptualMetric(torch.nn.Module):
+    """Stands in for lpips.LPIPS (same call: RGB pairs in [-1, 1] -> [B, 1, 1, 1])."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, a, b):
+        self.calls.append(tuple(a.shape))
+        return (a - b).abs().mean((1, 2, 3), keepdim=True) * 10
+
+
+def test_perceptual_term_enters_both_terms():
+    x, vae, metric = images(2), tiny_vae(), FakePerceptualMetric()
+    plain = ScaleEquivarianceLossConfig(posterior="mode")
+    perceptual = ScaleEquivarianceLossConfig(posterior="mode", lpips_weight=0.5)
+    _, base = ScaleEquivariantVAELoss(vae, plain)(x)
+    loss, logs = ScaleEquivariantVAELoss(vae, perceptual, lpips=metric)(x)
+    assert metric.calls == [(2, 3, 32, 32), (2, 3, 16, 16), (2, 3, 8, 8)]  # grayscale expanded to RGB
+    # the fake metric is 10 x the L1 distance: each term grows by 0.5 * 10 = 5 times itself
+    assert logs["reconstruction"] == pytest.approx(6 * base["reconstruction"], rel=1e-5)
+    assert logs["equivariance_x4"] == pytest.approx(6 * base["equivariance_x4"], rel=1e-5)
+    assert logs["reconstruction_lpips"] == pytest.approx(10 * base["reconstruction"], rel=1e-5)
+
+
 def test_lpips_is_optional_and_never_downloaded(tmp_path):
     with pytest.raises(ConfigError, match="lpips_weight: needs lpips_weights"):
         load_config(VAETrainingConfig, None, ["--vae", "x", "--lpips_weight", "0.1"])

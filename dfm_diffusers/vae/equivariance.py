@@ -127,7 +127,10 @@ class ScaleEquivariantVAELoss(torch.nn.Module):
         d = pixel_distance(a, b, self.config.pixel_loss)
         if self.lpips is None or self.config.lpips_weight == 0:
             return d, {}
-        p = self.lpips(a.float(), b.float()).mean()
+        a, b = a.float(), b.float()
+        if a.shape[1] == 1:  # LPIPS' backbones take RGB
+            a, b = a.expand(-1, 3, -1, -1), b.expand(-1, 3, -1, -1)
+        p = self.lpips(a, b).mean()
         return d + self.config.lpips_weight * p, {"lpips": p.item()}
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:

@@ -58,8 +58,8 @@ def radial_dct_spectrum(x, num_bins: int = 32) -> dict:
     """Radial DCT spectrum of [N, C, H, W] signals.
 
     Returns ``bin_centers`` (rho), ``power`` (mean normalized power per coefficient in each bin, DC left out; NaN
-    for a bin with no coefficient), ``energy`` (the share of the power in each bin; sums to 1) and ``high_frequency_fraction``
-    (the share at rho >= 1/2)."""
+    for a bin with no coefficient), ``energy`` (the share of the power in each bin; sums to 1) and
+    ``high_frequency_fraction`` (the share at rho >= 1/2)."""
     power = dct_power(x)
     rho = radial_frequency(*power.shape)
     bins = np.minimum((rho * num_bins).astype(np.int64), num_bins - 1).ravel()[1:]  # [1:]: the DC term (removed)

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
 from ..decomposition import box_downsample
 from ..training.config import finite, require, setting
@@ -40,7 +39,9 @@ class ScaleEquivarianceLossConfig:
     posterior: Literal["sample", "mode"] = setting(
         "sample", "z used by both terms: a draw of the posterior (the usual VAE training) or its mean"
     )
-    train_encoder: bool = setting(True, "train encoder and decoder; false trains the decoder (and post_quant_conv) only")
+    train_encoder: bool = setting(
+        True, "train encoder and decoder; false trains the decoder (and post_quant_conv) only"
+    )
     lpips_weights: str | None = setting(
         None, "state dict (.pth / .safetensors) of a whole lpips.LPIPS model (backbone + linear layers); enables the "
         "perceptual term. Needs the `lpips` package; nothing is downloaded"

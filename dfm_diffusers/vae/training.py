@@ -5,7 +5,7 @@
 
 Writes to ``output_dir``: ``diagnostics_before.{json,png}`` (the VAE as loaded), checkpoints, ``validation/``
 (reconstruction grids and their diagnostics at every validation step), ``vae/`` (the EMA weights as an
-AutoencoderKL folder: ``AutoencoderKL.from_pretrained(<output_dir>/vae)``, ``train_dfm_flux.py --vae``) and
+AutoencoderKL folder: ``AutoencoderKL.from_pretrained(<output_dir>/vae)``) and
 ``diagnostics_after.{json,png}`` (of that exported VAE).
 """
 

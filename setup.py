@@ -36,6 +36,8 @@ setup(
         "test": ["pytest>=8,<10", "scikit-image>=0.24,<0.27"],
         # Inception FID through torchmetrics needs torch-fidelity's feature extractor (weights supplied by the user)
         "fid": ["torch-fidelity>=0.4,<0.5"],
+        # the optional perceptual term of the VAE adaptation (weights supplied by the user)
+        "lpips": ["lpips>=0.1.4,<0.2"],
     },
     license="Apache-2.0",
 )

@@ -25,6 +25,12 @@ import torch.nn.functional as F
 from ..utils import normalize_stage_factors
 
 
+def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, H / factor, W / factor]: ``factor`` x ``factor`` average pooling, the default
+    (antialiased, alias-free box filter) down operator of the decomposition, for images and latents alike."""
+    return F.avg_pool2d(x, factor) if factor > 1 else x
+
+
 class LaplacianDecomposition:
     """Laplacian pyramid over [B, C, H, W] tensors (box-filter down, bilinear up).
 
@@ -122,7 +128,7 @@ class LaplacianDecomposition:
 
     def _down(self, x: torch.Tensor, factor: int) -> torch.Tensor:
         if not self.antialias:
-            return F.avg_pool2d(x, factor)
+            return box_downsample(x, factor)
         size = (x.shape[-2] // factor, x.shape[-1] // factor)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level tr
 
 import train_dfm_flux  # noqa: E402
 from dfm_diffusers import DFMPipeline  # noqa: E402
+from dfm_diffusers.pipelines.lora_export import LORA_EXPORT_CONFIG_NAME, TRAINED_WEIGHT_NAME  # noqa: E402
 from dfm_diffusers.training.flux import LORA_WEIGHT_NAME, FluxTrainingConfig, build_flux_task  # noqa: E402
 
 R = 32  # pixels; the tiny VAE has factor 2 -> 16x16 latents (stage 0: 8x8)
@@ -111,25 +112,35 @@ def test_lora_run_trains_adapters_and_stage_layers_and_exports(flux_pipeline_dir
     assert not torch.equal(state["stage_layers.heads.1.proj_out.weight"], start["stage_layers.heads.1.proj_out.weight"])
     assert state["stage_layers.patch_embedders.1.weight"].abs().max() > 0  # stage 1 started at zero
 
-    # the export: a plain DFMPipeline (base + trained stage layers) plus the LoRA file that reproduces the model
+    # the export: only what was trained (LoRA + stage layers + a JSON naming the base), no copy of FLUX
     export = Path(result["export_dir"])
     card = (export / "README.md").read_text()
-    assert (export / LORA_WEIGHT_NAME).exists() and "load_lora_weights" in card
+    assert sorted(os.listdir(export)) == sorted(
+        [LORA_WEIGHT_NAME, TRAINED_WEIGHT_NAME, LORA_EXPORT_CONFIG_NAME, "README.md", "samples.png"])
+    assert "from_lora_export" in card and f"base_model: {os.path.abspath(flux_pipeline_dir)}" in card
+    assert "stages: 2" in card and "steps: 20" in card and str(caption_dir) in card and "samples.png" in card
     # the paper's sampling settings for a DFM-finetuned FLUX are recorded as the recommended ones
-    assert "true_cfg_scale=3.0" in card and "guidance_scale=1.0" in card and "empty prompt" in card
+    assert "true_cfg_scale=3.0" in card and "guidance_scale=1.0" in card
     assert pushed["created"] == "tiny-dfm-lora" and pushed["repo"] == "someone/tiny-dfm-lora"
-    assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" in pushed["files"]
+    assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" not in pushed["files"]
     pipe.set_progress_bar_config(disable=True)
     reference = pipe("a cat", generator=gen(), **SAMPLE).images
-    loaded = DFMPipeline.from_pretrained(export)
+    loaded = DFMPipeline.from_lora_export(export)  # converts the plain FLUX base named in the export
     loaded.set_progress_bar_config(disable=True)
-    assert not hasattr(loaded.transformer, "peft_config")
-    torch.testing.assert_close(loaded.transformer.stage_layers.state_dict(),
-                               {k[len("stage_layers."):]: v for k, v in state.items() if k.startswith("stage_layers.")})
-    without_lora = loaded("a cat", generator=gen(), **SAMPLE).images
-    assert without_lora.shape == (1, 3, R, R) and (without_lora - reference).abs().max() > 1e-4
-    loaded.load_lora_weights(export)
+    loaded_state = loaded.transformer.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded_state[key], value), key
+    assert loaded.scheduler.config.steps_per_stage == [2, 2]
     torch.testing.assert_close(loaded("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-5)
+    # the same through an already converted base: from_pretrained + load_dfm_lora
+    from diffusers import FluxPipeline
+
+    converted = tmp_path / "converted"
+    DFMPipeline.from_flux_pipeline(FluxPipeline.from_pretrained(flux_pipeline_dir)).save_pretrained(converted)
+    again = DFMPipeline.from_pretrained(converted).load_dfm_lora(export)
+    again.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(again("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-5)
 
     # fuse_lora_on_export: one transformer with the LoRA merged in, no LoRA file
     task = result["task"]
@@ -232,9 +243,28 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
 
     # and the command trains / exports a 1-stage pipeline
     result = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "s1run", num_stages=1,
-                                      steps_per_stage="[4]", max_train_steps=2))
+                                      steps_per_stage="[4]", max_train_steps=2, learning_rate=1e-2))
     assert result["global_step"] == 2 and "loss_stage_1" not in result["log"][-1]
-    assert DFMPipeline.from_pretrained(result["export_dir"]).transformer.config.num_stages == 1
+    # the LoRA export holds every trained tensor: the LoRA file + the stage layers (stage 0's patch embedding and
+    # head, trained), and loads back to the same weights
+    from safetensors.torch import load_file
+
+    trained = result["pipeline"].transformer
+    names = [n for n, p in trained.named_parameters() if p.requires_grad]
+    export = Path(result["export_dir"])
+    lora_file = load_file(export / LORA_WEIGHT_NAME)
+    stage_file = load_file(export / TRAINED_WEIGHT_NAME)
+    assert any(n.startswith("stage_layers.") for n in names)
+    for name in names:
+        if ".lora_" in name:
+            key = "transformer." + name.replace(".default", "")
+            assert torch.equal(lora_file[key], trained.get_parameter(name).detach()), name
+        else:
+            assert torch.equal(stage_file[name], trained.get_parameter(name).detach()), name
+    loaded = DFMPipeline.from_lora_export(export)
+    assert loaded.transformer.config.num_stages == 1
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[key], value), key
 
 
 def test_paper_training_defaults():

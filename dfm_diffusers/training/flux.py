@@ -15,11 +15,11 @@ Two modes:
   it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32.
 - ``lora: false``: the whole transformer is trained (float32 master weights; text encoders and VAE frozen).
 
-Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): a DFMPipeline folder that loads with
-``DFMPipeline.from_pretrained``. With LoRA the folder's transformer holds the base blocks plus the trained stage
-layers and the LoRA sits next to it in ``pytorch_lora_weights.safetensors``: load it with
-``pipe.load_lora_weights(folder)`` to get the trained model (or set ``fuse_lora_on_export: true`` to write the
-LoRA merged into the transformer instead).
+Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): with LoRA, only what was trained (the LoRA in
+diffusers' format, the DFM stage layers, a JSON naming the base model and the DFM settings; megabytes, not a copy
+of FLUX), loaded with ``DFMPipeline.from_lora_export(folder)`` (converts a plain FLUX base) or
+``DFMPipeline.from_pretrained(converted_base).load_dfm_lora(folder)``; ``fuse_lora_on_export: true`` writes a whole
+DFMPipeline folder with the LoRA merged instead. A full finetune exports a whole DFMPipeline folder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from ..data.bad_samples import report_bad_samples
+from ..pipelines.lora_export import LORA_WEIGHT_NAME
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
 from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
@@ -50,7 +51,6 @@ FLUX_ATTENTION_PROJECTIONS = [
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MIXED_PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -117,7 +117,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS),
     )
     train_stage_layers: bool = setting(True, "with LoRA: train the per-stage DFM layers fully (stage 1 starts at 0)")
-    fuse_lora_on_export: bool = setting(False, "export the LoRA merged into the transformer, not as a separate file")
+    fuse_lora_on_export: bool = setting(
+        False, "export a whole DFMPipeline folder with the LoRA merged in, not the small LoRA export"
+    )
     # validation samples (and the exported scheduler's defaults)
     validation_prompts: list[str] | None = setting(None, "prompts of the validation samples (default: 'a photo')")
     # the paper's sampling settings for a DFM-finetuned FLUX (true CFG 3.0 against the empty prompt, guidance 1.0);
@@ -131,6 +133,13 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     # hub
     push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
     hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+    base_model_id: str | None = setting(
+        None, "Hub id of the base model, recorded in the LoRA export and the model card when pretrained is a local "
+        "folder (e.g. black-forest-labs/FLUX.1-dev); default: pretrained"
+    )
+    license: str | None = setting(
+        None, "license of the exported model (model card); default: the base folder's README license, else 'other'"
+    )
 
     def resolved_weight_dtype(self) -> torch.dtype:
         name = _MIXED_PRECISION_DTYPES.get(self.mixed_precision) if self.weight_dtype == "auto" else self.weight_dtype
@@ -361,6 +370,7 @@ class FluxTask:
         config.validate_objective(self.num_stages)
         self.weight_dtype = config.resolved_weight_dtype()
         self.samples_dir = os.path.join(config.output_dir, "samples")
+        self.last_sample, self.last_step = None, None  # the latest validation grid (shown in the model card)
 
     # ---------------------------------------------------------------------------------- frozen encoders
     def _to_device(self, device: torch.device):
@@ -460,9 +470,10 @@ class FluxTask:
         the last row is the final image)."""
         os.makedirs(self.samples_dir, exist_ok=True)
         images, previews = self.generate(model)
-        image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1)).save(
-            os.path.join(self.samples_dir, f"step_{step:07d}.png")
-        )
+        grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
+        self.last_sample = os.path.join(self.samples_dir, f"step_{step:07d}.png")
+        grid.save(self.last_sample)
+        self.last_step = step
 
     def export_transformer(self, model, fuse_lora: bool = False):
         """A plain DFMTransformer2DModel (no peft layers) in ``weight_dtype`` on the CPU, built from ``model``'s
@@ -501,40 +512,105 @@ class FluxTask:
             settings["guidance_scale"] = float(self.config.validation_guidance_scale)
         return settings
 
-    def model_card(self, repo_id: str, pipe) -> str:
-        card = pipe.model_card(repo_id, base_model=self.config.pretrained, sampling=self.recommended_sampling())
-        if self.config.lora and not self.config.fuse_lora_on_export:
-            card += (
-                f"\n## LoRA: load it too\n\nThis folder's transformer holds the base weights and the trained DFM stage "
-                f"layers only; the trained LoRA (rank {self.config.lora_rank}) is `{LORA_WEIGHT_NAME}` next to it, "
-                f"and the model is only the trained one with both loaded:\n\n"
-                f"```python\npipe = DFMPipeline.from_pretrained(\"{repo_id}\", torch_dtype=torch.bfloat16)\n"
-                f"pipe.load_lora_weights(\"{repo_id}\")  # optionally pipe.fuse_lora()\n```\n"
-            )
-        return card
+    def base_reference(self) -> dict:
+        """The base model a LoRA export points at: its Hub id (``base_model_id`` or ``pretrained``), the local
+        folder it was loaded from, revision, kind (a FluxPipeline converted here, or a DFMPipeline), ``--vae``."""
+        c = self.config
+        local = os.path.isdir(c.pretrained)
+        kind = "flux" if _read_json(c.pretrained, "model_index.json", c.revision).get("_class_name") == "FluxPipeline" \
+            else "dfm"
+        return {
+            "base_model": c.base_model_id or (os.path.abspath(c.pretrained) if local else c.pretrained),
+            "base_model_path": os.path.abspath(c.pretrained) if local else None,
+            "revision": c.revision, "base_kind": kind,
+            "vae": (os.path.abspath(c.vae) if os.path.isdir(c.vae) else c.vae) if getattr(c, "vae", None) else None,
+        }
+
+    def license(self) -> str:
+        """``license``, else the ``license:`` of the base folder's README.md metadata, else "other"."""
+        if self.config.license:
+            return self.config.license
+        readme = os.path.join(self.config.pretrained, "README.md")
+        if os.path.isfile(readme):
+            with open(readme, encoding="utf-8") as f:
+                text = f.read()
+            if text.startswith("---"):
+                for line in text.split("---")[1].splitlines():
+                    if line.strip().startswith("license:"):
+                        return line.split(":", 1)[1].strip()
+        return "other"
+
+    def model_card(self, repo_id: str, pipe, lora_export: bool = False) -> str:
+        c = self.config
+        base = self.base_reference()["base_model"]
+        if not lora_export:
+            card = pipe.model_card(repo_id, base_model=base, sampling=self.recommended_sampling())
+            card = card.replace("license: other", f"license: {self.license()}", 1)
+            return card + self.training_card_section()
+        sampling = self.recommended_sampling()
+        call_kwargs = "".join(f", {k}={v!r}" for k, v in sampling.items())
+        lines = [
+            "---", "library_name: diffusers", f"license: {self.license()}", f"base_model: {base}",
+            "pipeline_tag: text-to-image", "tags:", "- lora", "- decomposable-flow-matching", "- dfm",
+            "- dfm-diffusers", "---",
+            f"# {repo_id.split('/')[-1]}", "",
+            f"A LoRA (rank {c.lora_rank}) and the Decomposable Flow Matching (DFM, arXiv 2506.19839) stage layers "
+            f"trained on top of `{base}`. This repo holds only what was trained: `{LORA_WEIGHT_NAME}` (the LoRA), "
+            f"the stage layers and `dfm_lora_config.json` (the base model and the DFM settings); the base weights "
+            f"come from the base model.", "",
+            "## DFM settings", "", f"- base model: `{base}`", *pipe.dfm_settings_lines(), "",
+            "## Recommended sampling settings", "", *[f"- `{k}={v!r}`" for k, v in sampling.items()], "",
+            "## How to load", "", "```python", "import torch", "from dfm_diffusers import DFMPipeline", "",
+            "# converts the base if it is a plain FLUX pipeline, then loads the stage layers and the LoRA",
+            f'pipe = DFMPipeline.from_lora_export("{repo_id}", torch_dtype=torch.bfloat16)',
+            "# or, with the base already converted: DFMPipeline.from_pretrained(converted).load_dfm_lora(repo)",
+            f'image = pipe("a photo of a cat"{call_kwargs}).images[0]', "```", "",
+        ]
+        return "\n".join(lines) + self.training_card_section()
+
+    def training_card_section(self) -> str:
+        c = self.config
+        lines = [
+            "## Training", "",
+            f"- data: `{c.dataset}`" + (f" (split {c.split})" if c.split != "train" else ""),
+            f"- resolution: {c.resolution}px, batch size {c.train_batch_size}, learning rate {c.learning_rate}",
+            f"- steps: {self.last_step if self.last_step is not None else c.max_train_steps}",
+            f"- mode: {'LoRA rank %d' % c.lora_rank if c.lora else 'full finetune'}, caption dropout {c.caption_dropout}",
+            "",
+        ]
+        if self.last_sample:
+            lines += ["## Samples", "", "Columns: validation prompts " + str(c.validation_prompts or ["a photo"])
+                      + "; rows: the stage previews, coarse to fine (the last row is the final image).", "",
+                      "![validation samples](samples.png)", ""]
+        return "\n".join(lines)
 
     def export_fn(self, model, folder: str):
-        """Write the DFMPipeline folder (and, with LoRA, ``pytorch_lora_weights.safetensors`` in it) + README.md.
+        """Write the export + README.md (the model card, with the latest validation grid as samples.png).
 
-        Full finetune: the trained transformer. LoRA: the transformer without the LoRA (base blocks + trained stage
-        layers) and the LoRA file for ``pipe.load_lora_weights(folder)``; with ``fuse_lora_on_export`` the LoRA is
-        merged into the saved transformer and no LoRA file is written. Then pushed when ``push_to_hub``.
+        LoRA (default): only what was trained (:func:`..pipelines.lora_export.save_lora_export`: the LoRA, the stage
+        layers and a JSON naming the base); load it with ``DFMPipeline.from_lora_export(folder)``. Full finetune, or
+        LoRA with ``fuse_lora_on_export``: a whole DFMPipeline folder (LoRA merged in). Then pushed when
+        ``push_to_hub``.
         """
-        from ..pipelines.pipeline_dfm import DFMPipeline
+        import shutil
 
         c = self.config
-        fuse = c.lora and c.fuse_lora_on_export
-        pipe = self.pipeline(self.export_transformer(model, fuse_lora=fuse))
-        pipe.save_pretrained(folder)
-        if c.lora and not fuse:
+        small = c.lora and not c.fuse_lora_on_export
+        if small:
             from peft.utils import get_peft_model_state_dict
 
-            DFMPipeline.save_lora_weights(
-                folder,
-                transformer_lora_layers=get_peft_model_state_dict(model),
-                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-                weight_name=LORA_WEIGHT_NAME,
+            from ..pipelines.lora_export import save_lora_export
+
+            pipe = self.pipeline(model)
+            save_lora_export(
+                folder, model, self.pipe.scheduler, self.base_reference(),
+                lora_layers=get_peft_model_state_dict(model), lora_metadata=model.peft_config["default"].to_dict(),
             )
+        else:
+            pipe = self.pipeline(self.export_transformer(model, fuse_lora=c.lora))
+            pipe.save_pretrained(folder)
+        if self.last_sample and os.path.isfile(self.last_sample):
+            shutil.copyfile(self.last_sample, os.path.join(folder, "samples.png"))
         repo_id = os.path.abspath(folder)  # what the README's loading code points at
         if c.push_to_hub:
             from huggingface_hub import HfApi
@@ -543,9 +619,10 @@ class FluxTask:
             name = c.hub_model_id or os.path.basename(os.path.abspath(c.output_dir))
             repo_id = api.create_repo(name, exist_ok=True).repo_id
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-            f.write(self.model_card(repo_id, pipe))
+            f.write(self.model_card(repo_id, pipe, lora_export=small))
         if c.push_to_hub:
-            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload DFMPipeline (train_dfm_flux)")
+            what = "DFM LoRA export" if small else "DFMPipeline"
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {what} (train_dfm_flux)")
             logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
 
 

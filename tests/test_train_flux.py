@@ -369,3 +369,124 @@ def test_bf16_lora_with_8bit_adam_and_checkpointing_on_gpu(flux_pipeline_dir, ca
 
     weights = load_file(os.path.join(full["export_dir"], "transformer", "diffusion_pytorch_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in weights.values())  # exported in weight_dtype
+
+
+def test_cache_is_built_once_reused_without_encoders_and_invalidated(flux_pipeline_dir, caption_dir, tmp_path,
+                                                                      monkeypatch):
+    """cache_latents: the first run encodes every image and caption (+ the empty prompt, the validation prompt); a
+    second run reads them and never calls the VAE encoder or a text encoder (patched to raise); a changed resolution
+    or sequence length makes new latent / text entries; the cached loss equals the uncached one."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from dfm_diffusers.training.flux_cache import CachedCaptionedImages, FluxEmbeddingCache
+
+    cache_dir = tmp_path / "cache"
+    common = dict(cache_latents="true", cache_dir=cache_dir, max_train_steps=2, validation_steps=2)
+    first = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "a", **common))
+    cache = first["task"].cache
+    assert isinstance(cache, FluxEmbeddingCache)
+    latent_files = sorted(Path(cache.latent_dir).glob("*.safetensors"))
+    text_files = sorted(Path(cache.text_dir).glob("*.safetensors"))
+    assert len(latent_files) == len(IMAGES) and len(text_files) == len(set(IMAGES.values()) | {"", "a cat"})
+    stamps = {p: p.stat().st_mtime_ns for p in latent_files + text_files}
+
+    def refuse(*a, **k):
+        raise AssertionError("an encoder ran although the cache is complete")
+
+    with monkeypatch.context() as m:
+        for cls in (CLIPTextModel, T5EncoderModel):
+            m.setattr(cls, "forward", refuse)
+        m.setattr(AutoencoderKL, "encode", refuse)
+        second = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "b", **common))
+    assert second["global_step"] == 2 and (tmp_path / "b" / "samples" / "step_0000002.png").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing rewritten
+    task = second["task"]
+    assert task.pipe.vae.device.type == "cpu" and task.pipe.text_encoder_2.device.type == "cpu"
+
+    # cached items match the encoders: latents (posterior mean) and embeddings, and caption dropout's empty prompt
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, output_dir=str(tmp_path / "c"),
+                                cache_latents=True, cache_dir=str(cache_dir), validation_prompts=["a cat"],
+                                caption_dropout=1.0)
+    task, cached = build_flux_task(config)
+    assert isinstance(cached, CachedCaptionedImages)
+    plain = task.cache.dataset
+    item = cached[1]
+    x = task.encode_images(plain[1]["pixel_values"][None], sample=False)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    torch.testing.assert_close(task.latents_from_distribution(DiagonalGaussianDistribution(item["latent_dist"][None]),
+                                                              sample=False), x, rtol=1e-5, atol=1e-5)
+    embeds, pooled, _ = task.encode_text([item["captions"]], "cpu")
+    torch.testing.assert_close(item["prompt_embeds"][None], embeds, rtol=1e-5, atol=1e-6)
+    batch = torch.utils.data.default_collate([cached[0], cached[1]])
+    dropped, dropped_pooled, _ = task.cached_conditioning(batch, "cpu")  # caption_dropout 1.0: all empty
+    empty, empty_pooled, _ = task.encode_text(["", ""], "cpu")
+    torch.testing.assert_close(dropped, empty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped_pooled, empty_pooled, rtol=1e-5, atol=1e-6)
+    # the cached loss equals the uncached one at the same draws
+    task.config.caption_dropout = 0.0
+    uncached = torch.utils.data.default_collate([plain[0], plain[1]])
+    uncached["captions"] = batch["captions"]
+    torch.manual_seed(3)
+    loss_cached = task.objective(task.transformer, batch).loss
+    torch.manual_seed(3)
+    loss_plain = task.objective(task.transformer, uncached).loss
+    torch.testing.assert_close(loss_cached, loss_plain, rtol=1e-4, atol=1e-5)
+
+    # a changed resolution: new latent entries (the text ones are reused); a changed sequence length: new text ones
+    config.resolution, config.caption_dropout = 16, 0.1
+    other, _ = build_flux_task(config)
+    assert other.cache.latent_dir != cache.latent_dir and other.cache.text_dir == cache.text_dir
+    assert load_latent_shape(other.cache) == (8, 8, 8)
+    config.resolution, config.max_sequence_length = R, 8
+    other, _ = build_flux_task(config)
+    assert other.cache.latent_dir == cache.latent_dir and other.cache.text_dir != cache.text_dir
+    assert other.cache.text("")["prompt_embeds"].shape[0] == 8
+
+
+def load_latent_shape(cache):
+    from safetensors.torch import load_file
+
+    return tuple(load_file(cache.latent_path(0))["latent_dist"].shape)
+
+
+def test_cache_needs_fixed_pixels(flux_pipeline_dir, caption_dir, tmp_path):
+    with pytest.raises(ValueError, match="random_flip: must be false with cache_latents"):
+        train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path, cache_latents="true", random_flip="true"))
+
+
+def test_vae_option_replaces_the_autoencoder_for_training_and_export(flux_pipeline_dir, caption_dir, tmp_path,
+                                                                     tokenizer_dir):
+    """--vae: another AutoencoderKL (here: other weights, scale and shift) encodes the training images, decodes the
+    samples and is the one exported (whole folder) or named by the LoRA export (loaded back with it)."""
+    from conftest import make_tiny_flux_components
+
+    vae = make_tiny_flux_components(tokenizer_dir, seed=7)["vae"]
+    vae.register_to_config(scaling_factor=0.7, shift_factor=-0.1)
+    vae_dir = tmp_path / "other-vae"
+    vae.save_pretrained(vae_dir)
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, vae=str(vae_dir), output_dir=str(tmp_path / "o"))
+    task, dataset = build_flux_task(config)
+    torch.testing.assert_close(task.pipe.vae.state_dict(), vae.state_dict(), rtol=0, atol=0)
+    pixels = dataset[0]["pixel_values"][None]
+    expected = (vae.encode(pixels).latent_dist.mode() - -0.1) * 0.7
+    torch.testing.assert_close(task.encode_images(pixels, sample=False), expected, rtol=1e-5, atol=1e-6)
+
+    full = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "full", vae=vae_dir, lora="false",
+                                    max_train_steps=1))
+    exported = DFMPipeline.from_pretrained(full["export_dir"]).vae
+    torch.testing.assert_close(exported.state_dict(), vae.state_dict(), rtol=0, atol=0)
+    assert exported.config.scaling_factor == 0.7
+    lora = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "lora", vae=vae_dir, max_train_steps=1))
+    loaded = DFMPipeline.from_lora_export(lora["export_dir"])
+    torch.testing.assert_close(loaded.vae.state_dict(), vae.state_dict(), rtol=0, atol=0)
+
+    other_channels = make_tiny_flux_components(tokenizer_dir)["vae"]
+    other_channels.register_to_config(latent_channels=8)
+    bad = tmp_path / "bad-vae"
+    other_channels.save_pretrained(bad)
+    with pytest.raises(ValueError, match="8 latent channels"):
+        train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "bad", vae=bad, max_train_steps=1))

@@ -59,6 +59,37 @@ class CaptionedImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
     def caption(self, index: int) -> str:
         return _as_caption(self._ds[index][self.caption_column], index)
 
+    def caption_choices(self, index: int) -> list[str]:
+        """Every caption ``__getitem__`` may return for ``index`` (one, or each usable one of a list cell)."""
+        value = self._ds[index][self.caption_column]
+        if isinstance(value, (list, tuple)):
+            return [v for v in value if isinstance(v, str) and v.strip()] or [""]
+        return [_as_caption(value, index)]
+
+    def image_keys(self) -> list[str]:
+        """One key per image that changes when the image does (for caches of its latents): the file's real path,
+        size and modification time, or the sha256 of the bytes of an image stored inside the data set."""
+        import hashlib
+
+        import datasets
+
+        if not isinstance(self._ds.features[self.image_column], datasets.Image):  # arrays stored in the data set
+            import numpy as np
+
+            return ["sha256:" + hashlib.sha256(np.asarray(row[self.image_column]).tobytes()).hexdigest()
+                    for row in self._ds]
+        refs = self._ds.select_columns([self.image_column]).cast_column(self.image_column, datasets.Image(decode=False))
+        keys = []
+        for ref in refs[self.image_column]:
+            ref = ref or {}
+            path = ref.get("path")
+            if ref.get("bytes") is None and path and os.path.isfile(path):
+                stat = os.stat(path)
+                keys.append(f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}")
+            else:
+                keys.append("sha256:" + hashlib.sha256(ref.get("bytes") or b"").hexdigest())
+        return keys
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")

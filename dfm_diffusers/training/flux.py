@@ -73,6 +73,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
         "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
     )
+    vae: str | None = setting(
+        None, "AutoencoderKL (local folder or Hub id, its config.json at the top) replacing the pipeline's VAE for "
+        "training, validation and the export (e.g. a scale-equivariant VAE); same latent channels as FLUX's"
+    )
     weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "dtype of the frozen weights; auto follows mixed_precision (bf16 -> bfloat16)"
     )
@@ -102,6 +106,13 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     allow_empty_captions: bool = setting(
         False, "keep rows with an empty/null caption as the empty prompt (still reported); else they are skipped"
     )
+    cache_latents: bool = setting(
+        False, "encode the images (VAE posterior) and captions (T5 + CLIP, incl. the empty prompt) once into "
+        "cache_dir and train from there: the VAE and text encoders then stay off the training device (needs "
+        "center_crop and no random_flip: the cached pixels are fixed)"
+    )
+    cache_dir: str | None = setting(None, "folder of the latent / text cache (default: <output_dir>/cache)")
+    cache_batch_size: int = setting(8, "batch size of the cache build")
     # text conditioning
     guidance_scale: float = setting(
         1.0, "value fed to FLUX-dev's distilled-guidance embedding during training (the paper: fixed at 1.0)"
@@ -161,7 +172,12 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             bool(self.dataset), "dataset",
             "is required: an image folder with metadata.jsonl captions or a data set name",
         )
-        problems += positive_int(self, "resolution", "max_sequence_length")
+        problems += positive_int(self, "resolution", "max_sequence_length", "cache_batch_size")
+        if self.cache_latents:
+            problems += require(not self.random_flip, "random_flip", "must be false with cache_latents (cached "
+                                "latents are of the unflipped image)")
+            problems += require(self.center_crop, "center_crop", "must be true with cache_latents (cached latents "
+                                "are of the center crop)")
         problems += positive_int(self, "max_samples", optional=True)
         problems += positive_int(self, "num_stages", optional=True)
         problems += finite(self, "caption_dropout", "max_bad_sample_fraction", low=0.0, high=1.0)
@@ -259,6 +275,17 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
             f"DFMPipeline folder"
         )
     vae = _read_json(config.pretrained, "vae/config.json", config.revision)
+    if config.vae:
+        try:
+            own = _read_json(config.vae, "config.json")
+        except ValueError as err:
+            raise ValueError(f"vae={config.vae!r} is not an AutoencoderKL folder or Hub id: {err}") from err
+        if own.get("latent_channels") != vae.get("latent_channels"):
+            raise ValueError(
+                f"vae {config.vae} has {own.get('latent_channels')} latent channels, the pipeline's transformer "
+                f"takes {vae.get('latent_channels')}"
+            )
+        vae = own
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     info = dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
     ok, key, problem = _resolution_check(config.resolution, info)
@@ -289,17 +316,24 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
 
     info = info or inspect_pretrained(config)
     dtype = config.resolved_weight_dtype()
+    components = {}
+    if config.vae:
+        from diffusers import AutoencoderKL
+
+        components["vae"] = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype)
     factors = info["stage_factors"]  # a list of S - 1 ints
     factors = factors[0] if len(set(factors)) == 1 else (factors or 2)  # [2] -> 2 as the converter stores it
     if info["kind"] == "flux":
-        flux = FluxPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, revision=config.revision)
+        flux = FluxPipeline.from_pretrained(
+            config.pretrained, torch_dtype=dtype, revision=config.revision, **components
+        )
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
             stage_thresholds=config.stage_thresholds, stage_upsampling=config.stage_upsampling,
         )
         del flux
     else:
-        kwargs = {"revision": config.revision} if config.revision else {}
+        kwargs = {"revision": config.revision, **components} if config.revision else components
         pipe = DFMPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, **kwargs)
         if config.steps_per_stage is not None or config.stage_thresholds is not None:
             overrides = {}
@@ -371,10 +405,11 @@ class FluxTask:
         self.weight_dtype = config.resolved_weight_dtype()
         self.samples_dir = os.path.join(config.output_dir, "samples")
         self.last_sample, self.last_step = None, None  # the latest validation grid (shown in the model card)
+        self.cache = None  # a complete FluxEmbeddingCache when training from cached latents and embeddings
 
     # ---------------------------------------------------------------------------------- frozen encoders
-    def _to_device(self, device: torch.device):
-        for name in ("vae", "text_encoder", "text_encoder_2"):
+    def _to_device(self, device: torch.device, names=("vae", "text_encoder", "text_encoder_2")):
+        for name in names:
             module = getattr(self.pipe, name)
             if module is not None and module.device != device:
                 module.to(device)
@@ -393,25 +428,52 @@ class FluxTask:
         vae = self.pipe.vae
         self._to_device(pixel_values.device)
         dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return self.latents_from_distribution(dist, sample).to(pixel_values.device)
+
+    def latents_from_distribution(self, dist, sample: bool = True) -> torch.Tensor:
+        """A VAE posterior (DiagonalGaussianDistribution) -> FLUX latents (z - shift) * scale, float32."""
         z = dist.sample() if sample else dist.mode()
+        vae = self.pipe.vae
         shift = vae.config.shift_factor or 0.0
-        return ((z.float() - shift) * vae.config.scaling_factor).to(pixel_values.device)
+        return (z.float() - shift) * vae.config.scaling_factor
+
+    def caption_keep_mask(self, n: int) -> list[bool]:
+        """Which of ``n`` captions survive caption dropout (the rest train on the empty prompt)."""
+        p = self.config.caption_dropout
+        return [True] * n if p <= 0 else (torch.rand(n) >= p).tolist()
 
     def drop_captions(self, captions: list[str]) -> list[str]:
-        p = self.config.caption_dropout
-        if p <= 0:
-            return list(captions)
-        keep = torch.rand(len(captions)) >= p
-        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return [c if k else "" for c, k in zip(captions, self.caption_keep_mask(len(captions)))]
+
+    def cached_conditioning(self, batch, device):
+        """(prompt_embeds, pooled, text_ids) of a cached batch, caption dropout applied with the cached empty prompt."""
+        embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+        keep = self.caption_keep_mask(embeds.shape[0])
+        if not all(keep):
+            empty_embeds, empty_pooled = self.cache.text_batch([""], device)
+            drop = ~torch.tensor(keep, device=device)
+            embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
+            pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
+        # FluxPipeline.encode_prompt's text ids: zeros, one row per T5 token
+        return embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
 
     # ---------------------------------------------------------------------------------------- the loss
     def objective(self, model, batch, noise=None, latents=None) -> DFMObjectiveOutput:
         """The DFM objective on one batch (``latents`` may be given to skip the VAE; ``noise`` per stage)."""
-        pixels = batch["pixel_values"]
-        device = pixels.device
-        prompt_embeds, pooled, text_ids = self.encode_text(self.drop_captions(batch["captions"]), device)
-        if latents is None:
-            latents = self.encode_images(pixels)
+        if "latent_dist" in batch:  # from the cache (flux_cache.CachedCaptionedImages)
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            params = batch["latent_dist"]
+            device = params.device
+            prompt_embeds, pooled, text_ids = self.cached_conditioning(batch, device)
+            if latents is None:
+                latents = self.latents_from_distribution(DiagonalGaussianDistribution(params))
+        else:
+            pixels = batch["pixel_values"]
+            device = pixels.device
+            prompt_embeds, pooled, text_ids = self.encode_text(self.drop_captions(batch["captions"]), device)
+            if latents is None:
+                latents = self.encode_images(pixels)
         bands = self.decomposition.decompose(latents.float())
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -447,14 +509,21 @@ class FluxTask:
         """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time."""
         prompts = prompts or self.config.validation_prompts or ["a photo"]
         device = next(model.parameters()).device
-        self._to_device(device)
+        # with the cache, the prompts' embeddings come from it and only the VAE (decoding) visits the device
+        self._to_device(device, ("vae",) if self.cache is not None else ("vae", "text_encoder", "text_encoder_2"))
         pipe = self.pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         images, previews = [], []
         for i, prompt in enumerate(prompts):
+            text = dict(prompt=prompt)
+            if self.cache is not None:
+                embeds, pooled = self.cache.text_batch([prompt], device)
+                empty_embeds, empty_pooled = self.cache.text_batch([""], device)
+                text = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=empty_embeds,
+                            negative_pooled_prompt_embeds=empty_pooled)
             with self._autocast(device):
                 out = pipe(
-                    prompt, height=self.config.resolution, width=self.config.resolution,
+                    **text, height=self.config.resolution, width=self.config.resolution,
                     guidance_scale=self.config.validation_guidance_scale,
                     true_cfg_scale=self.config.validation_true_cfg_scale, output_type="pt", return_previews=True,
                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
@@ -462,6 +531,8 @@ class FluxTask:
                 )
             images.append(out.images.float().cpu())
             previews.append([p.float().cpu() for p in out.previews])
+        if self.cache is not None:
+            self._to_device(torch.device("cpu"), ("vae",))
         per_stage = [torch.cat([p[s] for p in previews]) for s in range(len(previews[0]))]
         return torch.cat(images), per_stage
 
@@ -661,7 +732,28 @@ def build_flux_task(config: FluxTrainingConfig):
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])
-    return FluxTask(config, pipe), dataset
+    task = FluxTask(config, pipe)
+    if config.cache_latents:
+        dataset = build_flux_cache(task, dataset)
+    return task, dataset
+
+
+def build_flux_cache(task: FluxTask, dataset):
+    """Fill the latent / text cache (the main process first; the others then find it complete) and return the
+    cached training data set (:class:`.flux_cache.CachedCaptionedImages`); ``task.cache`` is set."""
+    from accelerate import PartialState
+
+    from .flux_cache import CachedCaptionedImages, FluxEmbeddingCache
+
+    c = task.config
+    state = PartialState()
+    cache = FluxEmbeddingCache(task, dataset, c.cache_dir or os.path.join(c.output_dir, "cache"))
+    with state.main_process_first():
+        if not cache.is_complete():
+            cache.build(state.device, batch_size=c.cache_batch_size, show_progress=state.is_main_process)
+    task._to_device(torch.device("cpu"))  # training reads the cache: the encoders stay off the device
+    task.cache = cache
+    return CachedCaptionedImages(cache)
 
 
 def train_flux(config: FluxTrainingConfig) -> dict:

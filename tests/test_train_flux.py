@@ -490,3 +490,27 @@ def test_vae_option_replaces_the_autoencoder_for_training_and_export(flux_pipeli
     other_channels.save_pretrained(bad)
     with pytest.raises(ValueError, match="8 latent channels"):
         train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "bad", vae=bad, max_train_steps=1))
+
+
+def test_validation_grids_are_logged_to_tensorboard_and_written_as_png(flux_pipeline_dir, caption_dir, tmp_path):
+    """Each validation grid (stage previews + final images) goes to the tracker as an image, equal to the PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, out, report_to="tensorboard", max_train_steps=2,
+                             validation_steps=1))
+    tag, logged = "validation/samples_with_stage_previews", {}
+    for path in (out / "logs").rglob("events.out.tfevents*"):
+        events = EventAccumulator(str(path), size_guidance={"images": 0})
+        events.Reload()
+        if tag in events.Tags()["images"]:
+            logged.update({e.step: e for e in events.Images(tag)})
+    assert sorted(logged) == [1, 2]
+    for step, event in logged.items():
+        image = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        png = np.asarray(Image.open(out / "samples" / f"step_{step:07d}.png").convert("RGB"))
+        assert image.shape == png.shape and np.array_equal(image, png), step

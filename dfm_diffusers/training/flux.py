@@ -538,13 +538,14 @@ class FluxTask:
 
     def sample_fn(self, model, step: int):
         """samples/step_XXXXXXX.png: one column per validation prompt, one row per stage preview (coarse to fine;
-        the last row is the final image)."""
+        the last row is the final image). Returns the grid for the trackers (the loop logs it)."""
         os.makedirs(self.samples_dir, exist_ok=True)
         images, previews = self.generate(model)
         grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
         self.last_sample = os.path.join(self.samples_dir, f"step_{step:07d}.png")
         grid.save(self.last_sample)
         self.last_step = step
+        return {"validation/samples_with_stage_previews": grid.convert("RGB")}
 
     def export_transformer(self, model, fuse_lora: bool = False):
         """A plain DFMTransformer2DModel (no peft layers) in ``weight_dtype`` on the CPU, built from ``model``'s

@@ -514,3 +514,87 @@ def test_validation_grids_are_logged_to_tensorboard_and_written_as_png(flux_pipe
         image = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
         png = np.asarray(Image.open(out / "samples" / f"step_{step:07d}.png").convert("RGB"))
         assert image.shape == png.shape and np.array_equal(image, png), step
+
+
+@pytest.fixture(scope="module")
+def bucket_dir(tmp_path_factory):
+    """Two 3:1 panoramas, two squares and one image smaller than every bucket, with captions."""
+    import skimage
+    from PIL import Image
+
+    src = Path(skimage.__file__).parent / "data"
+    root = tmp_path_factory.mktemp("buckets")
+    images = {
+        "wide1.png": Image.open(src / "astronaut.png").convert("RGB").resize((192, 64)),
+        "wide2.png": Image.open(src / "coffee.png").convert("RGB").resize((195, 65)),
+        "square1.png": Image.open(src / "chelsea.png").convert("RGB").resize((64, 64)),
+        "square2.png": Image.open(src / "camera.png").convert("RGB").resize((48, 48)),
+        "tiny.png": Image.open(src / "chelsea.png").convert("RGB").resize((8, 8)),
+    }
+    with open(root / "metadata.jsonl", "w") as f:
+        for name, image in images.items():
+            image.save(root / name)
+            f.write(json.dumps({"file_name": name, "text": name[:-4]}) + "\n")
+    return root
+
+
+def test_aspect_buckets_train_each_image_at_its_own_shape(flux_pipeline_dir, bucket_dir, tmp_path, monkeypatch):
+    """resolutions: the 3:1 images train at a 3:1 bucket (not a square crop), the squares at a square one, every
+    batch from one bucket; the tiny image is skipped and counted (or upscaled with upscale_small_images);
+    validation samples at a non-square size."""
+    from dfm_diffusers.training.flux import FluxTask, build_flux_dataset
+
+    shapes = []
+    original = FluxTask.loss_fn
+
+    def recording_loss(self, model, batch):
+        shapes.append(tuple(batch["pixel_values"].shape))
+        return original(self, model, batch)
+
+    monkeypatch.setattr(FluxTask, "loss_fn", recording_loss)
+    out = tmp_path / "buckets"
+    result = train_dfm_flux.main(args(flux_pipeline_dir, bucket_dir, out, resolutions="[32]", max_train_steps=4,
+                                      validation_sizes="[[16, 56]]", validation_steps=4))
+    # sides in multiples of 4 (tiny VAE factor 2 x FLUX packing 2; the stage factor 2 fits inside), area ~ 32^2:
+    # the 3:1 bucket is 20 x 56
+    assert set(shapes) == {(2, 3, 20, 56), (2, 3, 32, 32)} and len(shapes) == 4
+    assert "1 of 5 samples skipped" in result["bad_samples"]
+    grid = Image_open(out / "samples" / "step_0000004_16x56.png")
+    assert grid.width > 1.5 * grid.height  # one column, two rows (stage preview, final image) of 3.5:1 tiles
+
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(bucket_dir), resolution=R,
+                                resolutions=[32], upscale_small_images=True)
+    dataset = build_flux_dataset(config)
+    assert len(dataset) == 5 and sorted(dataset.sizes).count((32, 32)) == 3
+    wide = [i for i in range(len(dataset)) if dataset.sizes[i] == (20, 56)]
+    assert len(wide) == 2 and dataset[wide[0]]["pixel_values"].shape == (3, 20, 56)
+
+    # the cache holds each image's latent at its bucket's shape (VAE factor 2)
+    config.cache_latents, config.output_dir, config.max_sequence_length = True, str(tmp_path / "c"), 16
+    task, cached = build_flux_task(config)
+    assert sorted(tuple(cached[i]["latent_dist"].shape) for i in range(5)) == \
+        sorted([(8, 10, 28)] * 2 + [(8, 16, 16)] * 3)
+
+
+def test_bucket_batches_are_one_bucket_each_cover_every_sample_and_depend_on_seed_and_epoch():
+    from types import SimpleNamespace
+
+    from dfm_diffusers.data.buckets import BucketBatchSampler
+
+    buckets = [(1, 3)] * 5 + [(2, 2)] * 4
+    epoch = SimpleNamespace(epoch=0)
+    sampler = BucketBatchSampler(buckets, 2, seed=0, epoch_of=epoch)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 5  # 3 + 2 batches, the last (1, 3) batch holds one
+    assert sorted(i for b in first for i in b) == list(range(9))
+    assert all(len({buckets[i] for i in b}) == 1 for b in first)
+    assert list(sampler) == first  # same epoch, same batches (what an exact resume relies on)
+    epoch.epoch = 1
+    assert list(sampler) != first
+    assert list(BucketBatchSampler(buckets, 2, seed=1, epoch_of=SimpleNamespace(epoch=0))) != first
+
+
+def Image_open(path):
+    from PIL import Image
+
+    return Image.open(path)

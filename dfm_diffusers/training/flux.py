@@ -95,6 +95,20 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     caption_column: str | None = setting(None, "caption column (default: found by name)")
     resolution: int = setting(512, "training image size in pixels (square); divisible by VAE x packing x stages")
     center_crop: bool = setting(True, "center crop (else random crop) to resolution")
+    resolutions: list[int] | None = setting(
+        None, "aspect buckets at these resolutions (a bucket's area ~ resolution^2, e.g. [512, 1024]); every batch "
+        "from one bucket; null: square `resolution` crops"
+    )
+    aspect_ratios: list[float] = setting(
+        help="width / height of the buckets of each resolution",
+        default_factory=lambda: [1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 3.0, 1 / 3],
+    )
+    upscale_small_images: bool = setting(
+        False, "with resolutions: upscale images smaller than every bucket (default: skip and count them)"
+    )
+    validation_sizes: list[list[int]] | None = setting(
+        None, "[height, width] pairs of the validation samples (default: [[resolution, resolution]])"
+    )
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
     caption_dropout: float = setting(
@@ -173,6 +187,20 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             "is required: an image folder with metadata.jsonl captions or a data set name",
         )
         problems += positive_int(self, "resolution", "max_sequence_length", "cache_batch_size")
+        if self.resolutions is not None:
+            problems += require(
+                bool(self.resolutions) and all(isinstance(r, int) and r > 0 for r in self.resolutions), "resolutions",
+                f"must be a non-empty list of positive ints, got {self.resolutions}")
+            problems += require(
+                bool(self.aspect_ratios) and all(isinstance(a, (int, float)) and a > 0 for a in self.aspect_ratios),
+                "aspect_ratios", f"must be positive numbers, got {self.aspect_ratios}")
+            problems += require(not isinstance(self.stage_scales, str), "stage_scales",
+                                "auto / auto_relative needs one square resolution (give the scales with resolutions)")
+        if self.validation_sizes is not None:
+            problems += require(
+                all(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+                    for v in self.validation_sizes), "validation_sizes",
+                f"must be [height, width] pairs of positive ints, got {self.validation_sizes}")
         if self.cache_latents:
             problems += require(not self.random_flip, "random_flip", "must be false with cache_latents (cached "
                                 "latents are of the unflipped image)")
@@ -204,6 +232,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             else:
                 num_stages = info["num_stages"]
                 problems += require(*_resolution_check(self.resolution, info))
+                problems += _validation_size_problems(self, info)
         return problems + stage_list_problems(self, num_stages)
 
 
@@ -294,11 +323,22 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
     return info
 
 
+def resolution_multiple(info: dict) -> int:
+    """What every image side must be a multiple of: VAE factor x FLUX's 2x2 packing x the stage factors."""
+    total = math.prod(info["stage_factors"])
+    return info["vae_scale_factor"] * (2 * total // math.gcd(2, total))
+
+
+def _validation_size_problems(config, info: dict) -> list[str]:
+    multiple = resolution_multiple(info)
+    bad = [v for v in config.validation_sizes or [] if v[0] % multiple or v[1] % multiple]
+    return [f"validation_sizes: {bad} must be multiples of {multiple}"] if bad else []
+
+
 def _resolution_check(resolution: int, info: dict) -> tuple[bool, str, str]:
     """(ok, "resolution", problem): the resolution the VAE, FLUX's 2x2 packing and the stage factors can split."""
     factors, vae_scale_factor = info["stage_factors"], info["vae_scale_factor"]
-    total = math.prod(factors)
-    multiple = vae_scale_factor * (2 * total // math.gcd(2, total))
+    multiple = resolution_multiple(info)
     return (
         resolution % multiple == 0, "resolution",
         f"{resolution} must be divisible by {multiple} (VAE factor {vae_scale_factor} x the 2x2 packing and stage "
@@ -505,8 +545,9 @@ class FluxTask:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.weight_dtype)
 
-    def generate(self, model, prompts: list[str] | None = None, seed: int = 0):
-        """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time."""
+    def generate(self, model, prompts: list[str] | None = None, seed: int = 0, size: tuple[int, int] | None = None):
+        """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time, at ``size``
+        (height, width; default resolution x resolution)."""
         prompts = prompts or self.config.validation_prompts or ["a photo"]
         device = next(model.parameters()).device
         # with the cache, the prompts' embeddings come from it and only the VAE (decoding) visits the device
@@ -514,6 +555,7 @@ class FluxTask:
         pipe = self.pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         images, previews = [], []
+        height, width = size or (self.config.resolution, self.config.resolution)
         for i, prompt in enumerate(prompts):
             text = dict(prompt=prompt)
             if self.cache is not None:
@@ -523,7 +565,7 @@ class FluxTask:
                             negative_pooled_prompt_embeds=empty_pooled)
             with self._autocast(device):
                 out = pipe(
-                    **text, height=self.config.resolution, width=self.config.resolution,
+                    **text, height=height, width=width,
                     guidance_scale=self.config.validation_guidance_scale,
                     true_cfg_scale=self.config.validation_true_cfg_scale, output_type="pt", return_previews=True,
                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
@@ -537,15 +579,22 @@ class FluxTask:
         return torch.cat(images), per_stage
 
     def sample_fn(self, model, step: int):
-        """samples/step_XXXXXXX.png: one column per validation prompt, one row per stage preview (coarse to fine;
-        the last row is the final image). Returns the grid for the trackers (the loop logs it)."""
+        """samples/step_XXXXXXX.png (with validation_sizes: step_XXXXXXX_HxW.png per size): one column per validation
+        prompt, one row per stage preview (coarse to fine; the last row is the final image). Returns the grids for
+        the trackers (the loop logs them)."""
         os.makedirs(self.samples_dir, exist_ok=True)
-        images, previews = self.generate(model)
-        grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
-        self.last_sample = os.path.join(self.samples_dir, f"step_{step:07d}.png")
-        grid.save(self.last_sample)
+        sizes = self.config.validation_sizes
+        logged = {}
+        for size in sizes or [None]:
+            images, previews = self.generate(model, size=size)
+            grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
+            suffix = f"_{size[0]}x{size[1]}" if sizes else ""  # one grid per validation size
+            path = os.path.join(self.samples_dir, f"step_{step:07d}{suffix}.png")
+            grid.save(path)
+            self.last_sample = self.last_sample if suffix and logged else path  # the card shows the first size
+            logged[f"validation/samples_with_stage_previews{suffix}"] = grid.convert("RGB")
         self.last_step = step
-        return {"validation/samples_with_stage_previews": grid.convert("RGB")}
+        return logged
 
     def export_transformer(self, model, fuse_lora: bool = False):
         """A plain DFMTransformer2DModel (no peft layers) in ``weight_dtype`` on the CPU, built from ``model``'s
@@ -701,14 +750,21 @@ class FluxTask:
 # ------------------------------------------------------------------------------------------- entry point
 
 
-def build_flux_dataset(config: FluxTrainingConfig):
+def build_flux_dataset(config: FluxTrainingConfig, info: dict | None = None):
+    """The captioned image data set; with ``resolutions``, in aspect buckets whose sides fit the stages."""
+    from ..data.buckets import make_buckets
     from ..data.captions import build_captioned_image_dataset
 
+    buckets = None
+    if config.resolutions:
+        info = info or inspect_pretrained(config, check_resolution=False)
+        buckets = make_buckets(config.resolutions, config.aspect_ratios, resolution_multiple(info))
     return build_captioned_image_dataset(
         config.dataset, resolution=config.resolution, caption_column=config.caption_column,
         image_column=config.image_column, split=config.split, center_crop=config.center_crop,
         random_flip=config.random_flip, max_samples=config.max_samples, data_dir=config.data_dir,
         max_bad_fraction=config.max_bad_sample_fraction, allow_empty_captions=config.allow_empty_captions,
+        buckets=buckets, upscale_small_images=config.upscale_small_images,
     )
 
 
@@ -720,9 +776,10 @@ def build_flux_task(config: FluxTrainingConfig):
     check_config(config)  # every settings problem at once, before the data set or any model is loaded
     info = inspect_pretrained(config, check_resolution=False)  # a Hub id's config files are first read here
     problems = stage_list_problems(config, info["num_stages"]) + require(*_resolution_check(config.resolution, info))
+    problems += _validation_size_problems(config, info)
     if problems:
         raise ConfigError(problems, type(config).__name__)
-    dataset = build_flux_dataset(config)
+    dataset = build_flux_dataset(config, info)
     set_seed(config.seed)  # the conversion initialises the new stage layers from the global RNG
     pipe = load_dfm_pipeline(config, info)
     if isinstance(config.stage_scales, str):
@@ -767,7 +824,7 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})
     result = run_training(
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=hparams,
+        hparams=hparams, batch_buckets=getattr(dataset, "sizes", None),
     )
     write_loss_curve(
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,

@@ -86,6 +86,7 @@ class FluxEmbeddingCache:
         vae_key = {
             "vae": _model_key(vae_source, None if c.vae else c.revision, [""] if c.vae else ["vae"]),
             "resolution": c.resolution, "center_crop": c.center_crop, "dtype": dtype, "content": "latent_dist",
+            "buckets": [c.resolutions, c.aspect_ratios, c.upscale_small_images] if c.resolutions else None,
         }
         text_key = {
             "text_encoders": _model_key(
@@ -128,8 +129,11 @@ class FluxEmbeddingCache:
         images, captions = self.missing()
         if images:
             vae = self.task.pipe.vae.to(device)
-            for start in tqdm(range(0, len(images), batch_size), desc="cache latents", disable=not show_progress):
-                chunk = images[start:start + batch_size]
+            images = sorted(images, key=self.dataset.target_size)  # a batch holds one bucket's images
+            chunks = [images[s:s + batch_size] for s in range(0, len(images), batch_size)]
+            chunks = [[i for i in chunk if self.dataset.target_size(i) == size] for chunk in chunks
+                      for size in sorted({self.dataset.target_size(i) for i in chunk})]
+            for chunk in tqdm(chunks, desc="cache latents", disable=not show_progress):
                 pixels = torch.stack([self.dataset[i]["pixel_values"] for i in chunk]).to(device, vae.dtype)
                 params = vae.encode(pixels).latent_dist.parameters
                 for i, p in zip(chunk, params):
@@ -168,6 +172,7 @@ class CachedCaptionedImages(torch.utils.data.Dataset):
     def __init__(self, cache: FluxEmbeddingCache):
         self.cache = cache
         self.bad_samples = cache.dataset.bad_samples
+        self.sizes = cache.dataset.sizes  # aspect buckets, for the loop's batching
 
     def __len__(self) -> int:
         return len(self.cache.dataset)

@@ -247,12 +247,15 @@ def run_training(
     export_fn: Callable[[torch.nn.Module, str], None] | None = None,
     collate_fn=None,
     hparams: dict[str, Any] | None = None,
+    batch_buckets: list | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``config.max_train_steps`` optimizer steps.
 
     Checkpoints (accelerate save_state, EMA as safetensors, a manifest written last) go to
     ``<output_dir>/checkpoints/checkpoint-<step>``, written under a temporary name and renamed, so a killed save
     never replaces the latest good one. The main process holds ``<output_dir>/.lock`` for the whole run.
+    ``batch_buckets``: a bucket per sample (e.g. its (height, width)); every batch then comes from one bucket
+    (:class:`..data.buckets.BucketBatchSampler`, shuffled per epoch from the seed).
     Returns a summary dict (final step, last loss, export folder, log rows, number of skipped non-finite steps).
     """
     configure_attention_backends()
@@ -272,7 +275,8 @@ def run_training(
         lock.acquire()  # refuses at once if a live run holds the folder
     try:
         return _run_training(
-            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
+            batch_buckets,
         )
     finally:
         if lock is not None:
@@ -280,7 +284,8 @@ def run_training(
 
 
 def _run_training(
-    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
+    batch_buckets=None,
 ) -> dict[str, Any]:
     checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
@@ -300,11 +305,17 @@ def _run_training(
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
     train_data = SeededSamples(dataset, config.seed)
+    drop_last = len(dataset) >= config.train_batch_size * accelerator.num_processes
+    if batch_buckets is not None:
+        from ..data.buckets import BucketBatchSampler
+
+        batching = dict(batch_sampler=BucketBatchSampler(batch_buckets, config.train_batch_size, config.seed,
+                                                         epoch_of=train_data))
+    else:
+        batching = dict(batch_size=config.train_batch_size, shuffle=True, drop_last=drop_last)
     dataloader = torch.utils.data.DataLoader(
         train_data,
-        batch_size=config.train_batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.train_batch_size * accelerator.num_processes,
+        **batching,
         num_workers=config.dataloader_num_workers,
         collate_fn=collate_fn,
         # Its own generator: without one, every new iterator (each epoch, and the skip_first_batches one after a

@@ -7,8 +7,8 @@ or a DFMPipeline, as a local folder or Hub id; ``dataset`` an image folder with 
 saved / local data set or a Hub data set name. ``num_stages: 1`` finetunes plain flow matching with the same code.
 Every setting is a field of dfm_diffusers.training.flux.FluxTrainingConfig; YAML values first, then overrides;
 `--help` lists them all. Every bad setting is reported at once, before any data or model is loaded.
-The trained pipeline is written to <output_dir>/pipeline (with LoRA: plus pytorch_lora_weights.safetensors,
-loaded with pipe.load_lora_weights(folder)).
+The trained pipeline is written to <output_dir>/pipeline (with LoRA: only the LoRA, the DFM stage layers and a JSON
+naming the base model, loaded with DFMPipeline.from_lora_export(folder)).
 """
 
 

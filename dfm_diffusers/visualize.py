@@ -21,15 +21,17 @@ def to_uint8(images: torch.Tensor, value_range=(-1.0, 1.0)) -> np.ndarray:
 
 def image_grid(rows, size: int | None = None, value_range=(-1.0, 1.0), pad: int = 2) -> Image.Image:
     """Grid with one row per entry of ``rows``: a tensor [N, C, H, W] or a list of [C, H, W] tiles of any
-    sizes; every tile is resized (nearest) to ``size`` px."""
+    sizes; every tile is resized (nearest) to ``size`` px wide, and as high as the aspect of the last row's first
+    tile says (square tiles stay square)."""
     rows = [list(r) for r in rows]
     size = size or max(t.shape[-1] for r in rows for t in r)
+    height = max(1, round(size * rows[-1][0].shape[-2] / rows[-1][0].shape[-1]))
     ncols = max(len(r) for r in rows)
-    grid = Image.new("RGB", (ncols * (size + pad) + pad, len(rows) * (size + pad) + pad), (255, 255, 255))
+    grid = Image.new("RGB", (ncols * (size + pad) + pad, len(rows) * (height + pad) + pad), (255, 255, 255))
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
-            tile = F.interpolate(tile[None].detach().float().cpu(), size=(size, size), mode="nearest")
-            grid.paste(Image.fromarray(to_uint8(tile, value_range)[0]), (pad + j * (size + pad), pad + i * (size + pad)))
+            tile = F.interpolate(tile[None].detach().float().cpu(), size=(height, size), mode="nearest")
+            grid.paste(Image.fromarray(to_uint8(tile, value_range)[0]), (pad + j * (size + pad), pad + i * (height + pad)))
     return grid
 
 

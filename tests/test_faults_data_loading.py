@@ -428,14 +428,16 @@ def test_two_flux_runs_with_the_same_seed_give_the_same_weights(flux_pipeline_di
     import train_dfm_flux
     from safetensors.torch import load_file
 
+    from dfm_diffusers.pipelines.lora_export import LORA_WEIGHT_NAME, TRAINED_WEIGHT_NAME
+
     def run(out, seed):
         argv = dict(pretrained=flux_pipeline_dir, dataset=caption_folder, output_dir=out, resolution=R * 2,
                     train_batch_size=2, max_train_steps=1, max_sequence_length=8, report_to="none",
                     checkpointing_steps=0, validation_steps=0, steps_per_stage="[1, 1]", lora_rank=2, seed=seed,
                     max_bad_sample_fraction=0.5, allow_empty_captions="true")
         result = train_dfm_flux.main([x for k, v in argv.items() for x in (f"--{k}", str(v))])
-        path = Path(result["export_dir"]) / "transformer" / "diffusion_pytorch_model.safetensors"
-        return result, load_file(path)
+        export = Path(result["export_dir"])  # a LoRA export: the stage layers and the LoRA
+        return result, {**load_file(export / TRAINED_WEIGHT_NAME), **load_file(export / LORA_WEIGHT_NAME)}
 
     first, a = run(tmp_path / "a", 0)
     torch.rand(7)  # whatever else happens in between must not matter

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level tr
 
 import train_dfm_flux  # noqa: E402
 from dfm_diffusers import DFMPipeline  # noqa: E402
+from dfm_diffusers.pipelines.lora_export import LORA_EXPORT_CONFIG_NAME, TRAINED_WEIGHT_NAME  # noqa: E402
 from dfm_diffusers.training.flux import LORA_WEIGHT_NAME, FluxTrainingConfig, build_flux_task  # noqa: E402
 
 R = 32  # pixels; the tiny VAE has factor 2 -> 16x16 latents (stage 0: 8x8)
@@ -111,25 +112,35 @@ def test_lora_run_trains_adapters_and_stage_layers_and_exports(flux_pipeline_dir
     assert not torch.equal(state["stage_layers.heads.1.proj_out.weight"], start["stage_layers.heads.1.proj_out.weight"])
     assert state["stage_layers.patch_embedders.1.weight"].abs().max() > 0  # stage 1 started at zero
 
-    # the export: a plain DFMPipeline (base + trained stage layers) plus the LoRA file that reproduces the model
+    # the export: only what was trained (LoRA + stage layers + a JSON naming the base), no copy of FLUX
     export = Path(result["export_dir"])
     card = (export / "README.md").read_text()
-    assert (export / LORA_WEIGHT_NAME).exists() and "load_lora_weights" in card
+    assert sorted(os.listdir(export)) == sorted(
+        [LORA_WEIGHT_NAME, TRAINED_WEIGHT_NAME, LORA_EXPORT_CONFIG_NAME, "README.md", "samples.png"])
+    assert "from_lora_export" in card and f"base_model: {os.path.abspath(flux_pipeline_dir)}" in card
+    assert "stages: 2" in card and "steps: 20" in card and str(caption_dir) in card and "samples.png" in card
     # the paper's sampling settings for a DFM-finetuned FLUX are recorded as the recommended ones
-    assert "true_cfg_scale=3.0" in card and "guidance_scale=1.0" in card and "empty prompt" in card
+    assert "true_cfg_scale=3.0" in card and "guidance_scale=1.0" in card
     assert pushed["created"] == "tiny-dfm-lora" and pushed["repo"] == "someone/tiny-dfm-lora"
-    assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" in pushed["files"]
+    assert LORA_WEIGHT_NAME in pushed["files"] and "model_index.json" not in pushed["files"]
     pipe.set_progress_bar_config(disable=True)
     reference = pipe("a cat", generator=gen(), **SAMPLE).images
-    loaded = DFMPipeline.from_pretrained(export)
+    loaded = DFMPipeline.from_lora_export(export)  # converts the plain FLUX base named in the export
     loaded.set_progress_bar_config(disable=True)
-    assert not hasattr(loaded.transformer, "peft_config")
-    torch.testing.assert_close(loaded.transformer.stage_layers.state_dict(),
-                               {k[len("stage_layers."):]: v for k, v in state.items() if k.startswith("stage_layers.")})
-    without_lora = loaded("a cat", generator=gen(), **SAMPLE).images
-    assert without_lora.shape == (1, 3, R, R) and (without_lora - reference).abs().max() > 1e-4
-    loaded.load_lora_weights(export)
+    loaded_state = loaded.transformer.state_dict()
+    assert loaded_state.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(loaded_state[key], value), key
+    assert loaded.scheduler.config.steps_per_stage == [2, 2]
     torch.testing.assert_close(loaded("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-5)
+    # the same through an already converted base: from_pretrained + load_dfm_lora
+    from diffusers import FluxPipeline
+
+    converted = tmp_path / "converted"
+    DFMPipeline.from_flux_pipeline(FluxPipeline.from_pretrained(flux_pipeline_dir)).save_pretrained(converted)
+    again = DFMPipeline.from_pretrained(converted).load_dfm_lora(export)
+    again.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(again("a cat", generator=gen(), **SAMPLE).images, reference, rtol=0, atol=1e-5)
 
     # fuse_lora_on_export: one transformer with the LoRA merged in, no LoRA file
     task = result["task"]
@@ -232,9 +243,28 @@ def test_single_stage_is_plain_flux_flow_matching(flux_pipeline_dir, caption_dir
 
     # and the command trains / exports a 1-stage pipeline
     result = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "s1run", num_stages=1,
-                                      steps_per_stage="[4]", max_train_steps=2))
+                                      steps_per_stage="[4]", max_train_steps=2, learning_rate=1e-2))
     assert result["global_step"] == 2 and "loss_stage_1" not in result["log"][-1]
-    assert DFMPipeline.from_pretrained(result["export_dir"]).transformer.config.num_stages == 1
+    # the LoRA export holds every trained tensor: the LoRA file + the stage layers (stage 0's patch embedding and
+    # head, trained), and loads back to the same weights
+    from safetensors.torch import load_file
+
+    trained = result["pipeline"].transformer
+    names = [n for n, p in trained.named_parameters() if p.requires_grad]
+    export = Path(result["export_dir"])
+    lora_file = load_file(export / LORA_WEIGHT_NAME)
+    stage_file = load_file(export / TRAINED_WEIGHT_NAME)
+    assert any(n.startswith("stage_layers.") for n in names)
+    for name in names:
+        if ".lora_" in name:
+            key = "transformer." + name.replace(".default", "")
+            assert torch.equal(lora_file[key], trained.get_parameter(name).detach()), name
+        else:
+            assert torch.equal(stage_file[name], trained.get_parameter(name).detach()), name
+    loaded = DFMPipeline.from_lora_export(export)
+    assert loaded.transformer.config.num_stages == 1
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.transformer.state_dict()[key], value), key
 
 
 def test_paper_training_defaults():
@@ -339,3 +369,232 @@ def test_bf16_lora_with_8bit_adam_and_checkpointing_on_gpu(flux_pipeline_dir, ca
 
     weights = load_file(os.path.join(full["export_dir"], "transformer", "diffusion_pytorch_model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in weights.values())  # exported in weight_dtype
+
+
+def test_cache_is_built_once_reused_without_encoders_and_invalidated(flux_pipeline_dir, caption_dir, tmp_path,
+                                                                      monkeypatch):
+    """cache_latents: the first run encodes every image and caption (+ the empty prompt, the validation prompt); a
+    second run reads them and never calls the VAE encoder or a text encoder (patched to raise); a changed resolution
+    or sequence length makes new latent / text entries; the cached loss equals the uncached one."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from dfm_diffusers.training.flux_cache import CachedCaptionedImages, FluxEmbeddingCache
+
+    cache_dir = tmp_path / "cache"
+    common = dict(cache_latents="true", cache_dir=cache_dir, max_train_steps=2, validation_steps=2)
+    first = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "a", **common))
+    cache = first["task"].cache
+    assert isinstance(cache, FluxEmbeddingCache)
+    latent_files = sorted(Path(cache.latent_dir).glob("*.safetensors"))
+    text_files = sorted(Path(cache.text_dir).glob("*.safetensors"))
+    assert len(latent_files) == len(IMAGES) and len(text_files) == len(set(IMAGES.values()) | {"", "a cat"})
+    stamps = {p: p.stat().st_mtime_ns for p in latent_files + text_files}
+
+    def refuse(*a, **k):
+        raise AssertionError("an encoder ran although the cache is complete")
+
+    with monkeypatch.context() as m:
+        for cls in (CLIPTextModel, T5EncoderModel):
+            m.setattr(cls, "forward", refuse)
+        m.setattr(AutoencoderKL, "encode", refuse)
+        second = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "b", **common))
+    assert second["global_step"] == 2 and (tmp_path / "b" / "samples" / "step_0000002.png").exists()
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # nothing rewritten
+    task = second["task"]
+    assert task.pipe.vae.device.type == "cpu" and task.pipe.text_encoder_2.device.type == "cpu"
+
+    # cached items match the encoders: latents (posterior mean) and embeddings, and caption dropout's empty prompt
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, output_dir=str(tmp_path / "c"),
+                                cache_latents=True, cache_dir=str(cache_dir), validation_prompts=["a cat"],
+                                caption_dropout=1.0)
+    task, cached = build_flux_task(config)
+    assert isinstance(cached, CachedCaptionedImages)
+    plain = task.cache.dataset
+    item = cached[1]
+    x = task.encode_images(plain[1]["pixel_values"][None], sample=False)
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    torch.testing.assert_close(task.latents_from_distribution(DiagonalGaussianDistribution(item["latent_dist"][None]),
+                                                              sample=False), x, rtol=1e-5, atol=1e-5)
+    embeds, pooled, _ = task.encode_text([item["captions"]], "cpu")
+    torch.testing.assert_close(item["prompt_embeds"][None], embeds, rtol=1e-5, atol=1e-6)
+    batch = torch.utils.data.default_collate([cached[0], cached[1]])
+    dropped, dropped_pooled, _ = task.cached_conditioning(batch, "cpu")  # caption_dropout 1.0: all empty
+    empty, empty_pooled, _ = task.encode_text(["", ""], "cpu")
+    torch.testing.assert_close(dropped, empty, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dropped_pooled, empty_pooled, rtol=1e-5, atol=1e-6)
+    # the cached loss equals the uncached one at the same draws
+    task.config.caption_dropout = 0.0
+    uncached = torch.utils.data.default_collate([plain[0], plain[1]])
+    uncached["captions"] = batch["captions"]
+    torch.manual_seed(3)
+    loss_cached = task.objective(task.transformer, batch).loss
+    torch.manual_seed(3)
+    loss_plain = task.objective(task.transformer, uncached).loss
+    torch.testing.assert_close(loss_cached, loss_plain, rtol=1e-4, atol=1e-5)
+
+    # a changed resolution: new latent entries (the text ones are reused); a changed sequence length: new text ones
+    config.resolution, config.caption_dropout = 16, 0.1
+    other, _ = build_flux_task(config)
+    assert other.cache.latent_dir != cache.latent_dir and other.cache.text_dir == cache.text_dir
+    assert load_latent_shape(other.cache) == (8, 8, 8)
+    config.resolution, config.max_sequence_length = R, 8
+    other, _ = build_flux_task(config)
+    assert other.cache.latent_dir == cache.latent_dir and other.cache.text_dir != cache.text_dir
+    assert other.cache.text("")["prompt_embeds"].shape[0] == 8
+
+
+def load_latent_shape(cache):
+    from safetensors.torch import load_file
+
+    return tuple(load_file(cache.latent_path(0))["latent_dist"].shape)
+
+
+def test_cache_needs_fixed_pixels(flux_pipeline_dir, caption_dir, tmp_path):
+    with pytest.raises(ValueError, match="random_flip: must be false with cache_latents"):
+        train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path, cache_latents="true", random_flip="true"))
+
+
+def test_vae_option_replaces_the_autoencoder_for_training_and_export(flux_pipeline_dir, caption_dir, tmp_path,
+                                                                     tokenizer_dir):
+    """--vae: another AutoencoderKL (here: other weights, scale and shift) encodes the training images, decodes the
+    samples and is the one exported (whole folder) or named by the LoRA export (loaded back with it)."""
+    from conftest import make_tiny_flux_components
+
+    vae = make_tiny_flux_components(tokenizer_dir, seed=7)["vae"]
+    vae.register_to_config(scaling_factor=0.7, shift_factor=-0.1)
+    vae_dir = tmp_path / "other-vae"
+    vae.save_pretrained(vae_dir)
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, vae=str(vae_dir), output_dir=str(tmp_path / "o"))
+    task, dataset = build_flux_task(config)
+    torch.testing.assert_close(task.pipe.vae.state_dict(), vae.state_dict(), rtol=0, atol=0)
+    pixels = dataset[0]["pixel_values"][None]
+    expected = (vae.encode(pixels).latent_dist.mode() - -0.1) * 0.7
+    torch.testing.assert_close(task.encode_images(pixels, sample=False), expected, rtol=1e-5, atol=1e-6)
+
+    full = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "full", vae=vae_dir, lora="false",
+                                    max_train_steps=1))
+    exported = DFMPipeline.from_pretrained(full["export_dir"]).vae
+    torch.testing.assert_close(exported.state_dict(), vae.state_dict(), rtol=0, atol=0)
+    assert exported.config.scaling_factor == 0.7
+    lora = train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "lora", vae=vae_dir, max_train_steps=1))
+    loaded = DFMPipeline.from_lora_export(lora["export_dir"])
+    torch.testing.assert_close(loaded.vae.state_dict(), vae.state_dict(), rtol=0, atol=0)
+
+    other_channels = make_tiny_flux_components(tokenizer_dir)["vae"]
+    other_channels.register_to_config(latent_channels=8)
+    bad = tmp_path / "bad-vae"
+    other_channels.save_pretrained(bad)
+    with pytest.raises(ValueError, match="8 latent channels"):
+        train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, tmp_path / "bad", vae=bad, max_train_steps=1))
+
+
+def test_validation_grids_are_logged_to_tensorboard_and_written_as_png(flux_pipeline_dir, caption_dir, tmp_path):
+    """Each validation grid (stage previews + final images) goes to the tracker as an image, equal to the PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    train_dfm_flux.main(args(flux_pipeline_dir, caption_dir, out, report_to="tensorboard", max_train_steps=2,
+                             validation_steps=1))
+    tag, logged = "validation/samples_with_stage_previews", {}
+    for path in (out / "logs").rglob("events.out.tfevents*"):
+        events = EventAccumulator(str(path), size_guidance={"images": 0})
+        events.Reload()
+        if tag in events.Tags()["images"]:
+            logged.update({e.step: e for e in events.Images(tag)})
+    assert sorted(logged) == [1, 2]
+    for step, event in logged.items():
+        image = np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+        png = np.asarray(Image.open(out / "samples" / f"step_{step:07d}.png").convert("RGB"))
+        assert image.shape == png.shape and np.array_equal(image, png), step
+
+
+@pytest.fixture(scope="module")
+def bucket_dir(tmp_path_factory):
+    """Two 3:1 panoramas, two squares and one image smaller than every bucket, with captions."""
+    import skimage
+    from PIL import Image
+
+    src = Path(skimage.__file__).parent / "data"
+    root = tmp_path_factory.mktemp("buckets")
+    images = {
+        "wide1.png": Image.open(src / "astronaut.png").convert("RGB").resize((192, 64)),
+        "wide2.png": Image.open(src / "coffee.png").convert("RGB").resize((195, 65)),
+        "square1.png": Image.open(src / "chelsea.png").convert("RGB").resize((64, 64)),
+        "square2.png": Image.open(src / "camera.png").convert("RGB").resize((48, 48)),
+        "tiny.png": Image.open(src / "chelsea.png").convert("RGB").resize((8, 8)),
+    }
+    with open(root / "metadata.jsonl", "w") as f:
+        for name, image in images.items():
+            image.save(root / name)
+            f.write(json.dumps({"file_name": name, "text": name[:-4]}) + "\n")
+    return root
+
+
+def test_aspect_buckets_train_each_image_at_its_own_shape(flux_pipeline_dir, bucket_dir, tmp_path, monkeypatch):
+    """resolutions: the 3:1 images train at a 3:1 bucket (not a square crop), the squares at a square one, every
+    batch from one bucket; the tiny image is skipped and counted (or upscaled with upscale_small_images);
+    validation samples at a non-square size."""
+    from dfm_diffusers.training.flux import FluxTask, build_flux_dataset
+
+    shapes = []
+    original = FluxTask.loss_fn
+
+    def recording_loss(self, model, batch):
+        shapes.append(tuple(batch["pixel_values"].shape))
+        return original(self, model, batch)
+
+    monkeypatch.setattr(FluxTask, "loss_fn", recording_loss)
+    out = tmp_path / "buckets"
+    result = train_dfm_flux.main(args(flux_pipeline_dir, bucket_dir, out, resolutions="[32]", max_train_steps=4,
+                                      validation_sizes="[[16, 56]]", validation_steps=4))
+    # sides in multiples of 4 (tiny VAE factor 2 x FLUX packing 2; the stage factor 2 fits inside), area ~ 32^2:
+    # the 3:1 bucket is 20 x 56
+    assert set(shapes) == {(2, 3, 20, 56), (2, 3, 32, 32)} and len(shapes) == 4
+    assert "1 of 5 samples skipped" in result["bad_samples"]
+    grid = Image_open(out / "samples" / "step_0000004_16x56.png")
+    assert grid.width > 1.5 * grid.height  # one column, two rows (stage preview, final image) of 3.5:1 tiles
+
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(bucket_dir), resolution=R,
+                                resolutions=[32], upscale_small_images=True)
+    dataset = build_flux_dataset(config)
+    assert len(dataset) == 5 and sorted(dataset.sizes).count((32, 32)) == 3
+    wide = [i for i in range(len(dataset)) if dataset.sizes[i] == (20, 56)]
+    assert len(wide) == 2 and dataset[wide[0]]["pixel_values"].shape == (3, 20, 56)
+
+    # the cache holds each image's latent at its bucket's shape (VAE factor 2)
+    config.cache_latents, config.output_dir, config.max_sequence_length = True, str(tmp_path / "c"), 16
+    task, cached = build_flux_task(config)
+    assert sorted(tuple(cached[i]["latent_dist"].shape) for i in range(5)) == \
+        sorted([(8, 10, 28)] * 2 + [(8, 16, 16)] * 3)
+
+
+def test_bucket_batches_are_one_bucket_each_cover_every_sample_and_depend_on_seed_and_epoch():
+    from types import SimpleNamespace
+
+    from dfm_diffusers.data.buckets import BucketBatchSampler
+
+    buckets = [(1, 3)] * 5 + [(2, 2)] * 4
+    epoch = SimpleNamespace(epoch=0)
+    sampler = BucketBatchSampler(buckets, 2, seed=0, epoch_of=epoch)
+    first = list(sampler)
+    assert len(first) == len(sampler) == 5  # 3 + 2 batches, the last (1, 3) batch holds one
+    assert sorted(i for b in first for i in b) == list(range(9))
+    assert all(len({buckets[i] for i in b}) == 1 for b in first)
+    assert list(sampler) == first  # same epoch, same batches (what an exact resume relies on)
+    epoch.epoch = 1
+    assert list(sampler) != first
+    assert list(BucketBatchSampler(buckets, 2, seed=1, epoch_of=SimpleNamespace(epoch=0))) != first
+
+
+def Image_open(path):
+    from PIL import Image
+
+    return Image.open(path)

@@ -46,6 +46,11 @@ class CaptionedImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
         self.description = description
         self.bad_samples = bad_samples or BadSampleLog(description, total=len(self._ds))
         self._sample_names = sample_names
+        self.sizes: list[tuple[int, int]] | None = None  # per image (height, width) with aspect buckets
+
+    def target_size(self, index: int) -> tuple[int, int]:
+        """(height, width) image ``index`` is resized and cropped to: its bucket, or resolution x resolution."""
+        return tuple(self.sizes[index]) if self.sizes is not None else (self.resolution, self.resolution)
 
     def sample_name(self, index: int) -> str:
         return self._sample_names(index) if self._sample_names else f"image {index} of {self.description}"
@@ -59,6 +64,37 @@ class CaptionedImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
     def caption(self, index: int) -> str:
         return _as_caption(self._ds[index][self.caption_column], index)
 
+    def caption_choices(self, index: int) -> list[str]:
+        """Every caption ``__getitem__`` may return for ``index`` (one, or each usable one of a list cell)."""
+        value = self._ds[index][self.caption_column]
+        if isinstance(value, (list, tuple)):
+            return [v for v in value if isinstance(v, str) and v.strip()] or [""]
+        return [_as_caption(value, index)]
+
+    def image_keys(self) -> list[str]:
+        """One key per image that changes when the image does (for caches of its latents): the file's real path,
+        size and modification time, or the sha256 of the bytes of an image stored inside the data set."""
+        import hashlib
+
+        import datasets
+
+        if not isinstance(self._ds.features[self.image_column], datasets.Image):  # arrays stored in the data set
+            import numpy as np
+
+            return ["sha256:" + hashlib.sha256(np.asarray(row[self.image_column]).tobytes()).hexdigest()
+                    for row in self._ds]
+        refs = self._ds.select_columns([self.image_column]).cast_column(self.image_column, datasets.Image(decode=False))
+        keys = []
+        for ref in refs[self.image_column]:
+            ref = ref or {}
+            path = ref.get("path")
+            if ref.get("bytes") is None and path and os.path.isfile(path):
+                stat = os.stat(path)
+                keys.append(f"{os.path.realpath(path)}:{stat.st_size}:{stat.st_mtime_ns}")
+            else:
+                keys.append("sha256:" + hashlib.sha256(ref.get("bytes") or b"").hexdigest())
+        return keys
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
@@ -66,7 +102,8 @@ class CaptionedImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
 
         def load(i):
             row = self._ds[i]
-            pixels = preprocess_image(row[self.image_column], self.resolution, 3, center_crop=self.center_crop, flip=flip)
+            pixels = preprocess_image(row[self.image_column], self.target_size(index), 3, center_crop=self.center_crop,
+                                      flip=flip)
             return dict(pixel_values=pixels, captions=_as_caption(row[self.caption_column], i))
 
         return self.load_replacing(index, load)
@@ -83,6 +120,29 @@ def _caption_problem(value) -> str | None:
     if not isinstance(value, str):
         return f"caption is a {type(value).__name__}, not a string: {value!r}"
     return None if value.strip() else "empty caption"
+
+
+def _image_sizes(ds, image_column: str) -> list[tuple[int, int]]:
+    """(width, height) of every image, from the file headers (no decoding of the pixels)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    if not isinstance(ds.features[image_column], datasets.Image):
+        return [to_pil_size(row[image_column]) for row in ds]
+    sizes = []
+    for ref in ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))[image_column]:
+        source = io.BytesIO(ref["bytes"]) if ref.get("bytes") is not None else ref["path"]
+        with Image.open(source) as image:
+            sizes.append(image.size)
+    return sizes
+
+
+def to_pil_size(value) -> tuple[int, int]:
+    from .image_dataset import to_pil
+
+    return to_pil(value).size
 
 
 def _unlisted_images(source: str, split: str, listed_paths) -> list[str]:
@@ -163,6 +223,8 @@ def build_captioned_image_dataset(
     data_dir: str | os.PathLike | None = None,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     allow_empty_captions: bool = False,
+    buckets: dict[int, list[tuple[int, int]]] | None = None,
+    upscale_small_images: bool = False,
 ) -> CaptionedImageDataset:
     """A captioned image data set (see the module docstring for the sources).
 
@@ -176,6 +238,9 @@ def build_captioned_image_dataset(
             more than this fraction of skipped rows is a ValueError.
         allow_empty_captions: keep rows with an empty or null caption as the empty prompt "" (still counted and
             reported) instead of skipping them.
+        buckets: aspect buckets (:func:`.buckets.make_buckets`): each image is resized / cropped to its bucket
+            (``dataset.sizes``); images smaller than every bucket are skipped and counted, unless
+            ``upscale_small_images``.
 
     Raises:
         ValueError: the source cannot be loaded, is empty, lacks the image or caption column, has too many problem
@@ -226,11 +291,28 @@ def build_captioned_image_dataset(
     rows = scan_image_column(ds, image_col, log, description)
     if len(rows) < len(ds):
         ds = ds.select(rows)
+    sizes = None
+    if buckets:
+        from .buckets import assign_bucket
+
+        names = image_row_names(ds, image_col, description)
+        sizes, keep = [], []
+        for row, (width, height) in enumerate(_image_sizes(ds, image_col)):
+            bucket = assign_bucket(width, height, buckets, upscale_small_images)
+            if bucket is None:
+                log.add(names(row), f"{width}x{height} is smaller than every aspect bucket (upscale_small_images: "
+                        f"false)", when="found when the data set was built", check=False)
+                continue
+            keep.append(row)
+            sizes.append(bucket)
+        if len(keep) < len(ds):
+            ds = ds.select(keep)
     if len(ds) == 0:
         raise ValueError(f"dataset {source!r} (split {split!r}) has no usable examples: {log.summary()}")
     dataset = CaptionedImageDataset(ds, image_col, caption_col, resolution, center_crop, random_flip,
                                     description=description, bad_samples=log,
                                     sample_names=image_row_names(ds, image_col, description))
+    dataset.sizes = sizes
     try:  # fail here, with one clear error, rather than inside a DataLoader worker
         dataset[0]
     except (OSError, ValueError) as err:

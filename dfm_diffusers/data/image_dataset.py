@@ -58,14 +58,15 @@ def to_8bit(image: Image.Image) -> Image.Image:
 
 def preprocess_image(
     image,
-    resolution: int,
+    resolution: int | tuple[int, int],
     channels: int,
     center_crop: bool = True,
     flip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to ``resolution`` (bicubic, antialiased), crop a square (center or random), flip
-    horizontally if asked, and scale to [-1, 1]. -> float32 [channels, resolution, resolution].
+    """Resize (bicubic, antialiased) to cover ``resolution`` (an int: a square; or (height, width), an aspect
+    bucket), crop it (center or random), flip horizontally if asked, and scale to [-1, 1].
+    -> float32 [channels, height, width].
 
     ``channels`` 1 converts to grayscale ("L"), 3 to RGB.
     """
@@ -73,19 +74,20 @@ def preprocess_image(
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels}")
     image = image.convert("L" if channels == 1 else "RGB")
+    height, width = (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
     w, h = image.size
-    scale = resolution / min(w, h)
-    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    scale = max(width / w, height / h)
+    size = (max(width, round(w * scale)), max(height, round(h * scale)))
     if size != (w, h):
         image = image.resize(size, Image.BICUBIC)
     w, h = image.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - width) // 2, (h - height) // 2
     else:
-        left = int(torch.randint(0, w - resolution + 1, (), generator=generator))
-        top = int(torch.randint(0, h - resolution + 1, (), generator=generator))
-    if (w, h) != (resolution, resolution):
-        image = image.crop((left, top, left + resolution, top + resolution))
+        left = int(torch.randint(0, w - width + 1, (), generator=generator))
+        top = int(torch.randint(0, h - height + 1, (), generator=generator))
+    if (w, h) != (width, height):
+        image = image.crop((left, top, left + width, top + height))
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]

@@ -118,13 +118,29 @@ class DFMHubMixin:
         check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
 
+    def dfm_settings_lines(self) -> list[str]:
+        """Markdown list items naming the transformer's and scheduler's DFM settings (for model cards)."""
+        t, s = self.transformer.config, self.scheduler.config
+        thresholds = list(s.stage_thresholds)
+        taus = [round(1 - x, 6) for x in thresholds]
+        lines = [
+            f"- transformer: `{type(self.transformer).__name__}`",
+            f"- stages: {t.num_stages}, resolution factors between stages: {t.stage_factors}",
+        ]
+        if t.get("stage_upsampling") is not None:
+            lines.append(f"- stage upsampling (carrier factors): {list(t.stage_upsampling)}")
+        if t.get("stage_scales") is not None:
+            lines.append(f"- stage scales: {list(t.stage_scales)}")
+        return lines + [
+            f"- steps per stage: {list(s.steps_per_stage)}",
+            f"- stage thresholds (actual sigma after the time shift, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
+            f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
+        ]
+
     def model_card(self, repo_id: str, base_model: str | None = None, sampling: dict | None = None) -> str:
         """Markdown model card (with YAML metadata) describing the DFM settings and how to load; ``sampling``: the
         recommended call settings (e.g. ``{"true_cfg_scale": 3.0, "guidance_scale": 1.0}``), listed and used in
         the example."""
-        t, s = self.transformer.config, self.scheduler.config
-        thresholds = list(s.stage_thresholds)
-        taus = [round(1 - x, 6) for x in thresholds]
         pipeline_class = type(self).__name__
         meta = ["---", "library_name: diffusers", "license: other"]
         if base_model:
@@ -140,11 +156,7 @@ class DFMHubMixin:
             "## DFM settings",
             "",
             f"- base model: {base_model or 'trained from scratch'}",
-            f"- transformer: `{type(self.transformer).__name__}`",
-            f"- stages: {t.num_stages}, resolution factors between stages: {t.stage_factors}",
-            f"- steps per stage: {list(s.steps_per_stage)}",
-            f"- stage thresholds (actual sigma after the time shift, 1 = noise): {thresholds} (paper's tau = 1 - sigma: {taus})",
-            f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
+            *self.dfm_settings_lines(),
             "",
         ]
         call_kwargs = "".join(f", {k}={v!r}" for k, v in (sampling or {}).items())

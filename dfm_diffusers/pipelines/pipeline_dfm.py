@@ -18,10 +18,11 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 from ..models.transformer_dfm_flux import DFMTransformer2DModel
 from ..schedulers import DFMScheduler, calculate_shift
 from .hub import DFMHubMixin
+from .lora_export import DFMLoraExportMixin
 from .stagewise import DFMStagewiseMixin, check_finite_latents, check_scale
 
 
-class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, FluxPipeline):
+class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeline):
     """Text-to-image DFM pipeline with FluxPipeline's components and call signature.
 
     ``num_inference_steps`` is replaced by ``steps_per_stage`` (a list, or an int total split in the

@@ -246,11 +246,11 @@ class DiTTask:
         os.makedirs(self.samples_dir, exist_ok=True)
         images, previews = self.generate(model)
         # rows: the preview after each stage (coarse to fine); the last row is the final sample
-        image_grid(previews, size=images.shape[-1] * 2, value_range=(0, 1)).save(
-            os.path.join(self.samples_dir, f"step_{step:07d}.png")
-        )
+        grid = image_grid(previews, size=images.shape[-1] * 2, value_range=(0, 1))
+        grid.save(os.path.join(self.samples_dir, f"step_{step:07d}.png"))
         if self.config.save_pipeline_at_validation:
             self.pipeline(model).save_pretrained(os.path.join(self.config.output_dir, f"pipeline-{step}"))
+        return {"validation/samples_with_stage_previews": grid.convert("RGB")}  # logged to the trackers by the loop
 
     def export_fn(self, model, folder: str):
         pipe = self.pipeline(model)

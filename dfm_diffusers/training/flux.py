@@ -15,11 +15,11 @@ Two modes:
   it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32.
 - ``lora: false``: the whole transformer is trained (float32 master weights; text encoders and VAE frozen).
 
-Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): a DFMPipeline folder that loads with
-``DFMPipeline.from_pretrained``. With LoRA the folder's transformer holds the base blocks plus the trained stage
-layers and the LoRA sits next to it in ``pytorch_lora_weights.safetensors``: load it with
-``pipe.load_lora_weights(folder)`` to get the trained model (or set ``fuse_lora_on_export: true`` to write the
-LoRA merged into the transformer instead).
+Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): with LoRA, only what was trained (the LoRA in
+diffusers' format, the DFM stage layers, a JSON naming the base model and the DFM settings; megabytes, not a copy
+of FLUX), loaded with ``DFMPipeline.from_lora_export(folder)`` (converts a plain FLUX base) or
+``DFMPipeline.from_pretrained(converted_base).load_dfm_lora(folder)``; ``fuse_lora_on_export: true`` writes a whole
+DFMPipeline folder with the LoRA merged instead. A full finetune exports a whole DFMPipeline folder.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 
 from ..data.bad_samples import report_bad_samples
+from ..pipelines.lora_export import LORA_WEIGHT_NAME
 from ..utils import normalize_stage_factors
 from ..visualize import image_grid
 from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
@@ -50,7 +51,6 @@ FLUX_ATTENTION_PROJECTIONS = [
 ]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MIXED_PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
 @dataclass
@@ -73,6 +73,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
         "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
     )
+    vae: str | None = setting(
+        None, "AutoencoderKL (local folder or Hub id, its config.json at the top) replacing the pipeline's VAE for "
+        "training, validation and the export (e.g. a scale-equivariant VAE); same latent channels as FLUX's"
+    )
     weight_dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
         "auto", "dtype of the frozen weights; auto follows mixed_precision (bf16 -> bfloat16)"
     )
@@ -91,6 +95,20 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     caption_column: str | None = setting(None, "caption column (default: found by name)")
     resolution: int = setting(512, "training image size in pixels (square); divisible by VAE x packing x stages")
     center_crop: bool = setting(True, "center crop (else random crop) to resolution")
+    resolutions: list[int] | None = setting(
+        None, "aspect buckets at these resolutions (a bucket's area ~ resolution^2, e.g. [512, 1024]); every batch "
+        "from one bucket; null: square `resolution` crops"
+    )
+    aspect_ratios: list[float] = setting(
+        help="width / height of the buckets of each resolution",
+        default_factory=lambda: [1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 3.0, 1 / 3],
+    )
+    upscale_small_images: bool = setting(
+        False, "with resolutions: upscale images smaller than every bucket (default: skip and count them)"
+    )
+    validation_sizes: list[list[int]] | None = setting(
+        None, "[height, width] pairs of the validation samples (default: [[resolution, resolution]])"
+    )
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
     caption_dropout: float = setting(
@@ -102,6 +120,13 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     allow_empty_captions: bool = setting(
         False, "keep rows with an empty/null caption as the empty prompt (still reported); else they are skipped"
     )
+    cache_latents: bool = setting(
+        False, "encode the images (VAE posterior) and captions (T5 + CLIP, incl. the empty prompt) once into "
+        "cache_dir and train from there: the VAE and text encoders then stay off the training device (needs "
+        "center_crop and no random_flip: the cached pixels are fixed)"
+    )
+    cache_dir: str | None = setting(None, "folder of the latent / text cache (default: <output_dir>/cache)")
+    cache_batch_size: int = setting(8, "batch size of the cache build")
     # text conditioning
     guidance_scale: float = setting(
         1.0, "value fed to FLUX-dev's distilled-guidance embedding during training (the paper: fixed at 1.0)"
@@ -117,7 +142,9 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS),
     )
     train_stage_layers: bool = setting(True, "with LoRA: train the per-stage DFM layers fully (stage 1 starts at 0)")
-    fuse_lora_on_export: bool = setting(False, "export the LoRA merged into the transformer, not as a separate file")
+    fuse_lora_on_export: bool = setting(
+        False, "export a whole DFMPipeline folder with the LoRA merged in, not the small LoRA export"
+    )
     # validation samples (and the exported scheduler's defaults)
     validation_prompts: list[str] | None = setting(None, "prompts of the validation samples (default: 'a photo')")
     # the paper's sampling settings for a DFM-finetuned FLUX (true CFG 3.0 against the empty prompt, guidance 1.0);
@@ -131,6 +158,13 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     # hub
     push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
     hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+    base_model_id: str | None = setting(
+        None, "Hub id of the base model, recorded in the LoRA export and the model card when pretrained is a local "
+        "folder (e.g. black-forest-labs/FLUX.1-dev); default: pretrained"
+    )
+    license: str | None = setting(
+        None, "license of the exported model (model card); default: the base folder's README license, else 'other'"
+    )
 
     def resolved_weight_dtype(self) -> torch.dtype:
         name = _MIXED_PRECISION_DTYPES.get(self.mixed_precision) if self.weight_dtype == "auto" else self.weight_dtype
@@ -152,7 +186,26 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             bool(self.dataset), "dataset",
             "is required: an image folder with metadata.jsonl captions or a data set name",
         )
-        problems += positive_int(self, "resolution", "max_sequence_length")
+        problems += positive_int(self, "resolution", "max_sequence_length", "cache_batch_size")
+        if self.resolutions is not None:
+            problems += require(
+                bool(self.resolutions) and all(isinstance(r, int) and r > 0 for r in self.resolutions), "resolutions",
+                f"must be a non-empty list of positive ints, got {self.resolutions}")
+            problems += require(
+                bool(self.aspect_ratios) and all(isinstance(a, (int, float)) and a > 0 for a in self.aspect_ratios),
+                "aspect_ratios", f"must be positive numbers, got {self.aspect_ratios}")
+            problems += require(not isinstance(self.stage_scales, str), "stage_scales",
+                                "auto / auto_relative needs one square resolution (give the scales with resolutions)")
+        if self.validation_sizes is not None:
+            problems += require(
+                all(isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, int) and x > 0 for x in v)
+                    for v in self.validation_sizes), "validation_sizes",
+                f"must be [height, width] pairs of positive ints, got {self.validation_sizes}")
+        if self.cache_latents:
+            problems += require(not self.random_flip, "random_flip", "must be false with cache_latents (cached "
+                                "latents are of the unflipped image)")
+            problems += require(self.center_crop, "center_crop", "must be true with cache_latents (cached latents "
+                                "are of the center crop)")
         problems += positive_int(self, "max_samples", optional=True)
         problems += positive_int(self, "num_stages", optional=True)
         problems += finite(self, "caption_dropout", "max_bad_sample_fraction", low=0.0, high=1.0)
@@ -179,6 +232,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             else:
                 num_stages = info["num_stages"]
                 problems += require(*_resolution_check(self.resolution, info))
+                problems += _validation_size_problems(self, info)
         return problems + stage_list_problems(self, num_stages)
 
 
@@ -250,6 +304,17 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
             f"DFMPipeline folder"
         )
     vae = _read_json(config.pretrained, "vae/config.json", config.revision)
+    if config.vae:
+        try:
+            own = _read_json(config.vae, "config.json")
+        except ValueError as err:
+            raise ValueError(f"vae={config.vae!r} is not an AutoencoderKL folder or Hub id: {err}") from err
+        if own.get("latent_channels") != vae.get("latent_channels"):
+            raise ValueError(
+                f"vae {config.vae} has {own.get('latent_channels')} latent channels, the pipeline's transformer "
+                f"takes {vae.get('latent_channels')}"
+            )
+        vae = own
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     info = dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
     ok, key, problem = _resolution_check(config.resolution, info)
@@ -258,11 +323,22 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
     return info
 
 
+def resolution_multiple(info: dict) -> int:
+    """What every image side must be a multiple of: VAE factor x FLUX's 2x2 packing x the stage factors."""
+    total = math.prod(info["stage_factors"])
+    return info["vae_scale_factor"] * (2 * total // math.gcd(2, total))
+
+
+def _validation_size_problems(config, info: dict) -> list[str]:
+    multiple = resolution_multiple(info)
+    bad = [v for v in config.validation_sizes or [] if v[0] % multiple or v[1] % multiple]
+    return [f"validation_sizes: {bad} must be multiples of {multiple}"] if bad else []
+
+
 def _resolution_check(resolution: int, info: dict) -> tuple[bool, str, str]:
     """(ok, "resolution", problem): the resolution the VAE, FLUX's 2x2 packing and the stage factors can split."""
     factors, vae_scale_factor = info["stage_factors"], info["vae_scale_factor"]
-    total = math.prod(factors)
-    multiple = vae_scale_factor * (2 * total // math.gcd(2, total))
+    multiple = resolution_multiple(info)
     return (
         resolution % multiple == 0, "resolution",
         f"{resolution} must be divisible by {multiple} (VAE factor {vae_scale_factor} x the 2x2 packing and stage "
@@ -280,17 +356,24 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
 
     info = info or inspect_pretrained(config)
     dtype = config.resolved_weight_dtype()
+    components = {}
+    if config.vae:
+        from diffusers import AutoencoderKL
+
+        components["vae"] = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype)
     factors = info["stage_factors"]  # a list of S - 1 ints
     factors = factors[0] if len(set(factors)) == 1 else (factors or 2)  # [2] -> 2 as the converter stores it
     if info["kind"] == "flux":
-        flux = FluxPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, revision=config.revision)
+        flux = FluxPipeline.from_pretrained(
+            config.pretrained, torch_dtype=dtype, revision=config.revision, **components
+        )
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
             stage_thresholds=config.stage_thresholds, stage_upsampling=config.stage_upsampling,
         )
         del flux
     else:
-        kwargs = {"revision": config.revision} if config.revision else {}
+        kwargs = {"revision": config.revision, **components} if config.revision else components
         pipe = DFMPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, **kwargs)
         if config.steps_per_stage is not None or config.stage_thresholds is not None:
             overrides = {}
@@ -361,10 +444,12 @@ class FluxTask:
         config.validate_objective(self.num_stages)
         self.weight_dtype = config.resolved_weight_dtype()
         self.samples_dir = os.path.join(config.output_dir, "samples")
+        self.last_sample, self.last_step = None, None  # the latest validation grid (shown in the model card)
+        self.cache = None  # a complete FluxEmbeddingCache when training from cached latents and embeddings
 
     # ---------------------------------------------------------------------------------- frozen encoders
-    def _to_device(self, device: torch.device):
-        for name in ("vae", "text_encoder", "text_encoder_2"):
+    def _to_device(self, device: torch.device, names=("vae", "text_encoder", "text_encoder_2")):
+        for name in names:
             module = getattr(self.pipe, name)
             if module is not None and module.device != device:
                 module.to(device)
@@ -383,25 +468,52 @@ class FluxTask:
         vae = self.pipe.vae
         self._to_device(pixel_values.device)
         dist = vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
+        return self.latents_from_distribution(dist, sample).to(pixel_values.device)
+
+    def latents_from_distribution(self, dist, sample: bool = True) -> torch.Tensor:
+        """A VAE posterior (DiagonalGaussianDistribution) -> FLUX latents (z - shift) * scale, float32."""
         z = dist.sample() if sample else dist.mode()
+        vae = self.pipe.vae
         shift = vae.config.shift_factor or 0.0
-        return ((z.float() - shift) * vae.config.scaling_factor).to(pixel_values.device)
+        return (z.float() - shift) * vae.config.scaling_factor
+
+    def caption_keep_mask(self, n: int) -> list[bool]:
+        """Which of ``n`` captions survive caption dropout (the rest train on the empty prompt)."""
+        p = self.config.caption_dropout
+        return [True] * n if p <= 0 else (torch.rand(n) >= p).tolist()
 
     def drop_captions(self, captions: list[str]) -> list[str]:
-        p = self.config.caption_dropout
-        if p <= 0:
-            return list(captions)
-        keep = torch.rand(len(captions)) >= p
-        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+        return [c if k else "" for c, k in zip(captions, self.caption_keep_mask(len(captions)))]
+
+    def cached_conditioning(self, batch, device):
+        """(prompt_embeds, pooled, text_ids) of a cached batch, caption dropout applied with the cached empty prompt."""
+        embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
+        keep = self.caption_keep_mask(embeds.shape[0])
+        if not all(keep):
+            empty_embeds, empty_pooled = self.cache.text_batch([""], device)
+            drop = ~torch.tensor(keep, device=device)
+            embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
+            pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
+        # FluxPipeline.encode_prompt's text ids: zeros, one row per T5 token
+        return embeds, pooled, torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype)
 
     # ---------------------------------------------------------------------------------------- the loss
     def objective(self, model, batch, noise=None, latents=None) -> DFMObjectiveOutput:
         """The DFM objective on one batch (``latents`` may be given to skip the VAE; ``noise`` per stage)."""
-        pixels = batch["pixel_values"]
-        device = pixels.device
-        prompt_embeds, pooled, text_ids = self.encode_text(self.drop_captions(batch["captions"]), device)
-        if latents is None:
-            latents = self.encode_images(pixels)
+        if "latent_dist" in batch:  # from the cache (flux_cache.CachedCaptionedImages)
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            params = batch["latent_dist"]
+            device = params.device
+            prompt_embeds, pooled, text_ids = self.cached_conditioning(batch, device)
+            if latents is None:
+                latents = self.latents_from_distribution(DiagonalGaussianDistribution(params))
+        else:
+            pixels = batch["pixel_values"]
+            device = pixels.device
+            prompt_embeds, pooled, text_ids = self.encode_text(self.drop_captions(batch["captions"]), device)
+            if latents is None:
+                latents = self.encode_images(pixels)
         bands = self.decomposition.decompose(latents.float())
         guidance = None
         if self.transformer.config.guidance_embeds:
@@ -433,18 +545,27 @@ class FluxTask:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=self.weight_dtype)
 
-    def generate(self, model, prompts: list[str] | None = None, seed: int = 0):
-        """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time."""
+    def generate(self, model, prompts: list[str] | None = None, seed: int = 0, size: tuple[int, int] | None = None):
+        """Validation samples and per-stage previews (tensors in [0, 1]), one prompt at a time, at ``size``
+        (height, width; default resolution x resolution)."""
         prompts = prompts or self.config.validation_prompts or ["a photo"]
         device = next(model.parameters()).device
-        self._to_device(device)
+        # with the cache, the prompts' embeddings come from it and only the VAE (decoding) visits the device
+        self._to_device(device, ("vae",) if self.cache is not None else ("vae", "text_encoder", "text_encoder_2"))
         pipe = self.pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         images, previews = [], []
+        height, width = size or (self.config.resolution, self.config.resolution)
         for i, prompt in enumerate(prompts):
+            text = dict(prompt=prompt)
+            if self.cache is not None:
+                embeds, pooled = self.cache.text_batch([prompt], device)
+                empty_embeds, empty_pooled = self.cache.text_batch([""], device)
+                text = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=empty_embeds,
+                            negative_pooled_prompt_embeds=empty_pooled)
             with self._autocast(device):
                 out = pipe(
-                    prompt, height=self.config.resolution, width=self.config.resolution,
+                    **text, height=height, width=width,
                     guidance_scale=self.config.validation_guidance_scale,
                     true_cfg_scale=self.config.validation_true_cfg_scale, output_type="pt", return_previews=True,
                     generator=torch.Generator(device="cpu").manual_seed(seed + i),
@@ -452,17 +573,28 @@ class FluxTask:
                 )
             images.append(out.images.float().cpu())
             previews.append([p.float().cpu() for p in out.previews])
+        if self.cache is not None:
+            self._to_device(torch.device("cpu"), ("vae",))
         per_stage = [torch.cat([p[s] for p in previews]) for s in range(len(previews[0]))]
         return torch.cat(images), per_stage
 
     def sample_fn(self, model, step: int):
-        """samples/step_XXXXXXX.png: one column per validation prompt, one row per stage preview (coarse to fine;
-        the last row is the final image)."""
+        """samples/step_XXXXXXX.png (with validation_sizes: step_XXXXXXX_HxW.png per size): one column per validation
+        prompt, one row per stage preview (coarse to fine; the last row is the final image). Returns the grids for
+        the trackers (the loop logs them)."""
         os.makedirs(self.samples_dir, exist_ok=True)
-        images, previews = self.generate(model)
-        image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1)).save(
-            os.path.join(self.samples_dir, f"step_{step:07d}.png")
-        )
+        sizes = self.config.validation_sizes
+        logged = {}
+        for size in sizes or [None]:
+            images, previews = self.generate(model, size=size)
+            grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
+            suffix = f"_{size[0]}x{size[1]}" if sizes else ""  # one grid per validation size
+            path = os.path.join(self.samples_dir, f"step_{step:07d}{suffix}.png")
+            grid.save(path)
+            self.last_sample = self.last_sample if suffix and logged else path  # the card shows the first size
+            logged[f"validation/samples_with_stage_previews{suffix}"] = grid.convert("RGB")
+        self.last_step = step
+        return logged
 
     def export_transformer(self, model, fuse_lora: bool = False):
         """A plain DFMTransformer2DModel (no peft layers) in ``weight_dtype`` on the CPU, built from ``model``'s
@@ -501,40 +633,105 @@ class FluxTask:
             settings["guidance_scale"] = float(self.config.validation_guidance_scale)
         return settings
 
-    def model_card(self, repo_id: str, pipe) -> str:
-        card = pipe.model_card(repo_id, base_model=self.config.pretrained, sampling=self.recommended_sampling())
-        if self.config.lora and not self.config.fuse_lora_on_export:
-            card += (
-                f"\n## LoRA: load it too\n\nThis folder's transformer holds the base weights and the trained DFM stage "
-                f"layers only; the trained LoRA (rank {self.config.lora_rank}) is `{LORA_WEIGHT_NAME}` next to it, "
-                f"and the model is only the trained one with both loaded:\n\n"
-                f"```python\npipe = DFMPipeline.from_pretrained(\"{repo_id}\", torch_dtype=torch.bfloat16)\n"
-                f"pipe.load_lora_weights(\"{repo_id}\")  # optionally pipe.fuse_lora()\n```\n"
-            )
-        return card
+    def base_reference(self) -> dict:
+        """The base model a LoRA export points at: its Hub id (``base_model_id`` or ``pretrained``), the local
+        folder it was loaded from, revision, kind (a FluxPipeline converted here, or a DFMPipeline), ``--vae``."""
+        c = self.config
+        local = os.path.isdir(c.pretrained)
+        kind = "flux" if _read_json(c.pretrained, "model_index.json", c.revision).get("_class_name") == "FluxPipeline" \
+            else "dfm"
+        return {
+            "base_model": c.base_model_id or (os.path.abspath(c.pretrained) if local else c.pretrained),
+            "base_model_path": os.path.abspath(c.pretrained) if local else None,
+            "revision": c.revision, "base_kind": kind,
+            "vae": (os.path.abspath(c.vae) if os.path.isdir(c.vae) else c.vae) if getattr(c, "vae", None) else None,
+        }
+
+    def license(self) -> str:
+        """``license``, else the ``license:`` of the base folder's README.md metadata, else "other"."""
+        if self.config.license:
+            return self.config.license
+        readme = os.path.join(self.config.pretrained, "README.md")
+        if os.path.isfile(readme):
+            with open(readme, encoding="utf-8") as f:
+                text = f.read()
+            if text.startswith("---"):
+                for line in text.split("---")[1].splitlines():
+                    if line.strip().startswith("license:"):
+                        return line.split(":", 1)[1].strip()
+        return "other"
+
+    def model_card(self, repo_id: str, pipe, lora_export: bool = False) -> str:
+        c = self.config
+        base = self.base_reference()["base_model"]
+        if not lora_export:
+            card = pipe.model_card(repo_id, base_model=base, sampling=self.recommended_sampling())
+            card = card.replace("license: other", f"license: {self.license()}", 1)
+            return card + self.training_card_section()
+        sampling = self.recommended_sampling()
+        call_kwargs = "".join(f", {k}={v!r}" for k, v in sampling.items())
+        lines = [
+            "---", "library_name: diffusers", f"license: {self.license()}", f"base_model: {base}",
+            "pipeline_tag: text-to-image", "tags:", "- lora", "- decomposable-flow-matching", "- dfm",
+            "- dfm-diffusers", "---",
+            f"# {repo_id.split('/')[-1]}", "",
+            f"A LoRA (rank {c.lora_rank}) and the Decomposable Flow Matching (DFM, arXiv 2506.19839) stage layers "
+            f"trained on top of `{base}`. This repo holds only what was trained: `{LORA_WEIGHT_NAME}` (the LoRA), "
+            f"the stage layers and `dfm_lora_config.json` (the base model and the DFM settings); the base weights "
+            f"come from the base model.", "",
+            "## DFM settings", "", f"- base model: `{base}`", *pipe.dfm_settings_lines(), "",
+            "## Recommended sampling settings", "", *[f"- `{k}={v!r}`" for k, v in sampling.items()], "",
+            "## How to load", "", "```python", "import torch", "from dfm_diffusers import DFMPipeline", "",
+            "# converts the base if it is a plain FLUX pipeline, then loads the stage layers and the LoRA",
+            f'pipe = DFMPipeline.from_lora_export("{repo_id}", torch_dtype=torch.bfloat16)',
+            "# or, with the base already converted: DFMPipeline.from_pretrained(converted).load_dfm_lora(repo)",
+            f'image = pipe("a photo of a cat"{call_kwargs}).images[0]', "```", "",
+        ]
+        return "\n".join(lines) + self.training_card_section()
+
+    def training_card_section(self) -> str:
+        c = self.config
+        lines = [
+            "## Training", "",
+            f"- data: `{c.dataset}`" + (f" (split {c.split})" if c.split != "train" else ""),
+            f"- resolution: {c.resolution}px, batch size {c.train_batch_size}, learning rate {c.learning_rate}",
+            f"- steps: {self.last_step if self.last_step is not None else c.max_train_steps}",
+            f"- mode: {'LoRA rank %d' % c.lora_rank if c.lora else 'full finetune'}, caption dropout {c.caption_dropout}",
+            "",
+        ]
+        if self.last_sample:
+            lines += ["## Samples", "", "Columns: validation prompts " + str(c.validation_prompts or ["a photo"])
+                      + "; rows: the stage previews, coarse to fine (the last row is the final image).", "",
+                      "![validation samples](samples.png)", ""]
+        return "\n".join(lines)
 
     def export_fn(self, model, folder: str):
-        """Write the DFMPipeline folder (and, with LoRA, ``pytorch_lora_weights.safetensors`` in it) + README.md.
+        """Write the export + README.md (the model card, with the latest validation grid as samples.png).
 
-        Full finetune: the trained transformer. LoRA: the transformer without the LoRA (base blocks + trained stage
-        layers) and the LoRA file for ``pipe.load_lora_weights(folder)``; with ``fuse_lora_on_export`` the LoRA is
-        merged into the saved transformer and no LoRA file is written. Then pushed when ``push_to_hub``.
+        LoRA (default): only what was trained (:func:`..pipelines.lora_export.save_lora_export`: the LoRA, the stage
+        layers and a JSON naming the base); load it with ``DFMPipeline.from_lora_export(folder)``. Full finetune, or
+        LoRA with ``fuse_lora_on_export``: a whole DFMPipeline folder (LoRA merged in). Then pushed when
+        ``push_to_hub``.
         """
-        from ..pipelines.pipeline_dfm import DFMPipeline
+        import shutil
 
         c = self.config
-        fuse = c.lora and c.fuse_lora_on_export
-        pipe = self.pipeline(self.export_transformer(model, fuse_lora=fuse))
-        pipe.save_pretrained(folder)
-        if c.lora and not fuse:
+        small = c.lora and not c.fuse_lora_on_export
+        if small:
             from peft.utils import get_peft_model_state_dict
 
-            DFMPipeline.save_lora_weights(
-                folder,
-                transformer_lora_layers=get_peft_model_state_dict(model),
-                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
-                weight_name=LORA_WEIGHT_NAME,
+            from ..pipelines.lora_export import save_lora_export
+
+            pipe = self.pipeline(model)
+            save_lora_export(
+                folder, model, self.pipe.scheduler, self.base_reference(),
+                lora_layers=get_peft_model_state_dict(model), lora_metadata=model.peft_config["default"].to_dict(),
             )
+        else:
+            pipe = self.pipeline(self.export_transformer(model, fuse_lora=c.lora))
+            pipe.save_pretrained(folder)
+        if self.last_sample and os.path.isfile(self.last_sample):
+            shutil.copyfile(self.last_sample, os.path.join(folder, "samples.png"))
         repo_id = os.path.abspath(folder)  # what the README's loading code points at
         if c.push_to_hub:
             from huggingface_hub import HfApi
@@ -543,23 +740,31 @@ class FluxTask:
             name = c.hub_model_id or os.path.basename(os.path.abspath(c.output_dir))
             repo_id = api.create_repo(name, exist_ok=True).repo_id
         with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-            f.write(self.model_card(repo_id, pipe))
+            f.write(self.model_card(repo_id, pipe, lora_export=small))
         if c.push_to_hub:
-            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload DFMPipeline (train_dfm_flux)")
+            what = "DFM LoRA export" if small else "DFMPipeline"
+            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {what} (train_dfm_flux)")
             logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
 
 
 # ------------------------------------------------------------------------------------------- entry point
 
 
-def build_flux_dataset(config: FluxTrainingConfig):
+def build_flux_dataset(config: FluxTrainingConfig, info: dict | None = None):
+    """The captioned image data set; with ``resolutions``, in aspect buckets whose sides fit the stages."""
+    from ..data.buckets import make_buckets
     from ..data.captions import build_captioned_image_dataset
 
+    buckets = None
+    if config.resolutions:
+        info = info or inspect_pretrained(config, check_resolution=False)
+        buckets = make_buckets(config.resolutions, config.aspect_ratios, resolution_multiple(info))
     return build_captioned_image_dataset(
         config.dataset, resolution=config.resolution, caption_column=config.caption_column,
         image_column=config.image_column, split=config.split, center_crop=config.center_crop,
         random_flip=config.random_flip, max_samples=config.max_samples, data_dir=config.data_dir,
         max_bad_fraction=config.max_bad_sample_fraction, allow_empty_captions=config.allow_empty_captions,
+        buckets=buckets, upscale_small_images=config.upscale_small_images,
     )
 
 
@@ -571,9 +776,10 @@ def build_flux_task(config: FluxTrainingConfig):
     check_config(config)  # every settings problem at once, before the data set or any model is loaded
     info = inspect_pretrained(config, check_resolution=False)  # a Hub id's config files are first read here
     problems = stage_list_problems(config, info["num_stages"]) + require(*_resolution_check(config.resolution, info))
+    problems += _validation_size_problems(config, info)
     if problems:
         raise ConfigError(problems, type(config).__name__)
-    dataset = build_flux_dataset(config)
+    dataset = build_flux_dataset(config, info)
     set_seed(config.seed)  # the conversion initialises the new stage layers from the global RNG
     pipe = load_dfm_pipeline(config, info)
     if isinstance(config.stage_scales, str):
@@ -584,7 +790,28 @@ def build_flux_task(config: FluxTrainingConfig):
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])
-    return FluxTask(config, pipe), dataset
+    task = FluxTask(config, pipe)
+    if config.cache_latents:
+        dataset = build_flux_cache(task, dataset)
+    return task, dataset
+
+
+def build_flux_cache(task: FluxTask, dataset):
+    """Fill the latent / text cache (the main process first; the others then find it complete) and return the
+    cached training data set (:class:`.flux_cache.CachedCaptionedImages`); ``task.cache`` is set."""
+    from accelerate import PartialState
+
+    from .flux_cache import CachedCaptionedImages, FluxEmbeddingCache
+
+    c = task.config
+    state = PartialState()
+    cache = FluxEmbeddingCache(task, dataset, c.cache_dir or os.path.join(c.output_dir, "cache"))
+    with state.main_process_first():
+        if not cache.is_complete():
+            cache.build(state.device, batch_size=c.cache_batch_size, show_progress=state.is_main_process)
+    task._to_device(torch.device("cpu"))  # training reads the cache: the encoders stay off the device
+    task.cache = cache
+    return CachedCaptionedImages(cache)
 
 
 def train_flux(config: FluxTrainingConfig) -> dict:
@@ -597,7 +824,7 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})
     result = run_training(
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
-        hparams=hparams,
+        hparams=hparams, batch_buckets=getattr(dataset, "sizes", None),
     )
     write_loss_curve(
         result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,

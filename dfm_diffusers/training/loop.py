@@ -3,7 +3,8 @@
 A trainer script supplies the model, the dataset and three callables:
 - ``loss_fn(model, batch) -> (loss, logs)``: logs values are floats or ``(sum, count)`` pairs; each log row holds
   their means over the steps since the previous row (:class:`.log_window.LogWindow`)
-- ``sample_fn(model, step) -> None`` (writes sample grids; called with EMA weights swapped in)
+- ``sample_fn(model, step) -> None | dict[str, image]`` (writes sample grids; called with EMA weights swapped in);
+  a returned dict of images (PIL, or HWC uint8 arrays) is logged to the trackers that log images (TensorBoard, ...)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
 
 Faults it survives: a step whose loss or gradient norm is not finite is skipped (no optimizer, lr or EMA update)
@@ -24,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
@@ -245,12 +247,15 @@ def run_training(
     export_fn: Callable[[torch.nn.Module, str], None] | None = None,
     collate_fn=None,
     hparams: dict[str, Any] | None = None,
+    batch_buckets: list | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``config.max_train_steps`` optimizer steps.
 
     Checkpoints (accelerate save_state, EMA as safetensors, a manifest written last) go to
     ``<output_dir>/checkpoints/checkpoint-<step>``, written under a temporary name and renamed, so a killed save
     never replaces the latest good one. The main process holds ``<output_dir>/.lock`` for the whole run.
+    ``batch_buckets``: a bucket per sample (e.g. its (height, width)); every batch then comes from one bucket
+    (:class:`..data.buckets.BucketBatchSampler`, shuffled per epoch from the seed).
     Returns a summary dict (final step, last loss, export folder, log rows, number of skipped non-finite steps).
     """
     configure_attention_backends()
@@ -270,7 +275,8 @@ def run_training(
         lock.acquire()  # refuses at once if a live run holds the folder
     try:
         return _run_training(
-            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+            accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
+            batch_buckets,
         )
     finally:
         if lock is not None:
@@ -278,7 +284,8 @@ def run_training(
 
 
 def _run_training(
-    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams
+    accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
+    batch_buckets=None,
 ) -> dict[str, Any]:
     checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
@@ -298,11 +305,17 @@ def _run_training(
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
     train_data = SeededSamples(dataset, config.seed)
+    drop_last = len(dataset) >= config.train_batch_size * accelerator.num_processes
+    if batch_buckets is not None:
+        from ..data.buckets import BucketBatchSampler
+
+        batching = dict(batch_sampler=BucketBatchSampler(batch_buckets, config.train_batch_size, config.seed,
+                                                         epoch_of=train_data))
+    else:
+        batching = dict(batch_size=config.train_batch_size, shuffle=True, drop_last=drop_last)
     dataloader = torch.utils.data.DataLoader(
         train_data,
-        batch_size=config.train_batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= config.train_batch_size * accelerator.num_processes,
+        **batching,
         num_workers=config.dataloader_num_workers,
         collate_fn=collate_fn,
         # Its own generator: without one, every new iterator (each epoch, and the skip_first_batches one after a
@@ -420,6 +433,17 @@ def _run_training(
                 ema.restore(params)
             base.train(was_training)
 
+    def log_images(images, step: int):
+        """sample_fn's images -> every tracker that logs images (accelerate's TensorBoard / W&B / ... log_images)."""
+        if not images or not report_to:
+            return
+        arrays = {name: np.asarray(image) for name, image in images.items()}
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":  # SummaryWriter.add_images: one batch per name
+                tracker.log_images({k: v[None] for k, v in arrays.items()}, step=step, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):  # W&B, Comet, ...: a list of images per name
+                tracker.log_images({k: [v] for k, v in arrays.items()}, step=step)
+
     progress = tqdm(
         total=config.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process
     )
@@ -492,7 +516,7 @@ def _run_training(
                 save_checkpoint(global_step)
             if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
                 if accelerator.is_main_process:
-                    with_ema_weights(sample_fn, global_step)
+                    log_images(with_ema_weights(sample_fn, global_step), global_step)
                 accelerator.wait_for_everyone()
             if global_step >= config.max_train_steps:
                 break
@@ -505,7 +529,7 @@ def _run_training(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if sample_fn and (not config.validation_steps or global_step % config.validation_steps != 0):
-            with_ema_weights(sample_fn, global_step)
+            log_images(with_ema_weights(sample_fn, global_step), global_step)
         if export_fn:
             def checked_export(base, folder):
                 check_finite("exported pipeline", global_step)  # the EMA weights are swapped in here

@@ -272,7 +272,9 @@ def test_example_configs_validate():
     names = sorted(n for n in os.listdir(folder) if n.endswith(".yaml"))
     assert len(names) >= 6
     for name in names:
-        cls = FluxTrainingConfig if "flux" in name else DiTTrainingConfig
+        from dfm_diffusers.vae.training import VAETrainingConfig
+
+        cls = FluxTrainingConfig if "flux" in name else VAETrainingConfig if "vae" in name else DiTTrainingConfig
         config = load_config(cls, os.path.join(folder, name))  # raises ConfigError on any problem
         raw = yaml.safe_load(open(os.path.join(folder, name)))
         assert all(getattr(config, k) == v for k, v in raw.items() if not isinstance(v, float)), name

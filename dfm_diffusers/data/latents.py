@@ -85,6 +85,12 @@ def _shard_is_complete(path: str, start: int, count: int) -> bool:
 # ------------------------------------------------------------------------------------------------------ encoding
 
 
+def normalize_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents ``z`` -> the space diffusion models are trained in, ``(z - shift_factor) * scaling_factor`` (float32)."""
+    shift = vae.config.shift_factor or 0.0
+    return (z.float() - shift) * vae.config.scaling_factor
+
+
 @torch.no_grad()
 def encode_images(vae, pixel_values: torch.Tensor, posterior_seeds: Sequence[int] | None = None) -> torch.Tensor:
     """Normalized latents ``(z - shift_factor) * scaling_factor`` of images in [-1, 1] (float32).
@@ -100,8 +106,7 @@ def encode_images(vae, pixel_values: torch.Tensor, posterior_seeds: Sequence[int
             raise ValueError(f"got {len(posterior_seeds)} posterior seeds for {len(z)} images")
         eps = [torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in posterior_seeds]
         z = z + dist.std * torch.stack(eps).to(z)
-    shift = vae.config.shift_factor or 0.0
-    return (z.float() - shift) * vae.config.scaling_factor
+    return normalize_latents(vae, z)
 
 
 def posterior_seed(seed: int, index: int) -> int:

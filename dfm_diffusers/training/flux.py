@@ -472,10 +472,9 @@ class FluxTask:
 
     def latents_from_distribution(self, dist, sample: bool = True) -> torch.Tensor:
         """A VAE posterior (DiagonalGaussianDistribution) -> FLUX latents (z - shift) * scale, float32."""
-        z = dist.sample() if sample else dist.mode()
-        vae = self.pipe.vae
-        shift = vae.config.shift_factor or 0.0
-        return (z.float() - shift) * vae.config.scaling_factor
+        from ..data.latents import normalize_latents
+
+        return normalize_latents(self.pipe.vae, dist.sample() if sample else dist.mode())
 
     def caption_keep_mask(self, n: int) -> list[bool]:
         """Which of ``n`` captions survive caption dropout (the rest train on the empty prompt)."""

@@ -22,12 +22,17 @@ FLUX's 2x2 packing then gives 8x8 tokens).
      on held-out B (and A) content at sigma 0.1..0.9, divided by the pretrained model's own error on the same
      low-resolution content presented in distribution (its nearest upsampling + i.i.d. full-resolution noise);
      1.00 = replicates;
-   - FD on B (features of a small classifier trained on B, dfm_diffusers.evaluation; no Inception offline) of
-     ``--num-samples`` samples at 4 checkpoints, for ``--seeds`` seeds; sampling as the paper: true CFG
-     ``--cfg`` (default 3.0) against the empty prompt, guidance input 1.0, FM ``--steps`` steps, DFM split 3:1;
-   - sample grids with the stage previews (final checkpoint).
-Everything goes to --out: pretrained/ (FLUX), classifier.pt, replication.json, runs/<method>-seed<k>/ (the training
-loop's checkpoints and logs), fd.jsonl (one row per method, seed, step), results.json and RESULTS.md, grids/*.png.
+   - the pretrained model's own quality on A (FD against A's test set, next to the FD of real A training images:
+     the floor), so "pretrained until its samples are good" is a number;
+   - FD on B (features of a small classifier trained on all 10 classes, dfm_diffusers.evaluation; no Inception
+     offline) of ``--num-samples`` samples at step 0 (the converted model before any finetuning) and 4 checkpoints,
+     for each of ``--seeds``; sampling as the paper: true CFG ``--cfg`` (default 3.0) against the empty prompt,
+     guidance input 1.0, FM ``--steps`` steps, DFM split 3:1;
+   - sample grids with the stage previews (final checkpoint, seed 0).
+The (method, seed) runs are independent processes on the same GPU (``--workers``; a tiny model leaves the GPU idle
+between kernel launches, so they overlap well). Everything goes to --out: pretrained/ (FLUX), classifier.pt,
+replication.json, pretrained_quality.json, runs/<method>-seed<k>/ (the training loop's checkpoints and logs),
+fd.jsonl (one row per method, seed, step), results.json, RESULTS.md, fd_curve.png, grids/*.png.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -242,7 +249,11 @@ def main(argv=None):
     parser.add_argument("--single-layers", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="finetuning seeds")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="(method, seed) runs in parallel processes (1: one after another in this process)")
+    parser.add_argument("--prepare-only", action="store_true", help="pretrain, replication, classifier; then stop")
+    parser.add_argument("--no-summary", action="store_true", help="skip the summary (a worker of --workers)")
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--sample-batch", type=int, default=500)
     parser.add_argument("--steps", type=int, default=40, help="sampling steps (DFM: split 3:1 between its stages)")
@@ -256,7 +267,7 @@ def main(argv=None):
     if args.smoke:
         args.pretrain_steps, args.finetune_steps, args.batch_size, args.num_samples = 40, 8, 16, 40
         args.layers, args.single_layers, args.heads, args.classifier_steps, args.sample_batch = 1, 1, 2, 20, 40
-        args.steps, args.seeds = 8, 1
+        args.steps, args.seeds = 8, args.seeds[:1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.out, exist_ok=True)
     per_class = 200 if args.smoke else None
@@ -300,15 +311,48 @@ def main(argv=None):
     with open(replication_path) as f:
         replication_report = json.load(f)
 
-    # 3) finetune on B with every method and seed; FD at 4 checkpoints
+    # 3) a feature classifier on all 10 classes; the pretrained model's own quality on A
     classifier_path = os.path.join(args.out, "classifier.pt")
     if os.path.isfile(classifier_path):
         classifier = torch.load(classifier_path, weights_only=False).to(device)
     else:
-        classifier = train_feature_classifier(x_b, y_b - 5, 5, steps=args.classifier_steps, device=device)
+        classifier = train_feature_classifier(torch.cat([x_a, x_b]), torch.cat([y_a, y_b]), 10,
+                                              steps=args.classifier_steps, device=device)
         torch.save(classifier.cpu(), classifier_path)
         classifier.to(device)
     real_features = extract_features(classifier, x_b_test.to(device))
+    quality_path = os.path.join(args.out, "pretrained_quality.json")
+    if not os.path.isfile(quality_path):
+        n = min(args.num_samples, len(x_a_test))
+        labels_a = torch.tensor(CLASSES_A, device=device).repeat_interleave(n // len(CLASSES_A))
+        pretrained_dfm = DFMTransformer2DModel.from_flux(flux, num_stages=1, torch_dtype=torch.float32).to(device)
+        samples, _ = generate(pretrained_dfm.eval(), text, space, labels_a, args, seed=999)
+        a_test = extract_features(classifier, x_a_test.to(device))
+        quality = dict(fd_samples_vs_A_test=frechet_distance(extract_features(classifier, samples.to(device)), a_test),
+                       fd_A_train_vs_A_test=frechet_distance(extract_features(classifier, x_a[:n].to(device)), a_test),
+                       fd_B_test_vs_A_test=frechet_distance(real_features, a_test), num_samples=n)
+        with open(quality_path, "w") as f:
+            json.dump(quality, f, indent=2)
+        os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
+        image_grid(list(samples[:: max(len(samples) // 40, 1)][:40].split(10)), size=64).save(
+            os.path.join(args.out, "grids", "pretrained_A.png"))
+        del pretrained_dfm
+    if args.prepare_only:
+        return
+    if args.workers > 1:
+        jobs = [(m, k) for m in args.methods for k in args.seeds]
+        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        running = []
+        for m, k in jobs:
+            cmd = [sys.executable, os.path.abspath(__file__), *base, "--methods", m, "--seeds", str(k), "--workers",
+                   "1", "--no-summary"]
+            log = open(os.path.join(args.out, f"worker-{m}-seed{k}.log"), "a")
+            running.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+            while len([p for p in running if p.poll() is None]) >= args.workers:
+                running[[p.poll() is None for p in running].index(True)].wait()
+        failed = [p.args for p in running if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"{len(failed)} worker(s) failed; see {args.out}/worker-*.log")
     fd_path = os.path.join(args.out, "fd.jsonl")
     done = set()
     if os.path.isfile(fd_path):
@@ -317,8 +361,8 @@ def main(argv=None):
     eval_labels = torch.tensor(CLASSES_B, device=device).repeat_interleave(args.num_samples // len(CLASSES_B))
     checkpoint_every = max(args.finetune_steps // 4, 1)
 
-    for method in args.methods:
-        for seed in range(args.seeds):
+    for method in args.methods if args.workers <= 1 else []:
+        for seed in args.seeds:
             run_dir = os.path.join(args.out, "runs", f"{method}-seed{seed}")
             if os.path.isfile(os.path.join(run_dir, "done")):
                 continue
@@ -341,6 +385,9 @@ def main(argv=None):
                         os.path.join(args.out, "grids", f"{method}.png"))
                 trained.train()
 
+            if (method, seed, 0) not in done:  # the converted model before any finetuning
+                evaluate(model.to(device), 0)
+                model.to("cpu")
             config = AnalogConfig(output_dir=run_dir, seed=seed, max_train_steps=args.finetune_steps,
                                   learning_rate=args.finetune_lr, checkpointing_steps=checkpoint_every,
                                   validation_steps=checkpoint_every, **loop)
@@ -349,30 +396,75 @@ def main(argv=None):
             open(os.path.join(run_dir, "done"), "w").close()
 
     # 4) summary
-    with open(fd_path) as f:
+    if not args.no_summary:
+        summarize(args, replication_report)
+
+
+def _mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(args, replication_report):
+    """results.json, RESULTS.md (mean +- std over seeds; DFM / FT ratios per seed) and fd_curve.png from fd.jsonl."""
+    with open(os.path.join(args.out, "fd.jsonl")) as f:
         rows = [json.loads(line) for line in f]
-    table = {}
+    fd = {}
     for r in rows:
-        table.setdefault(r["method"], {}).setdefault(r["step"], []).append(r["fd"])
-    summary = {m: {s: dict(mean=sum(v) / len(v), values=v) for s, v in sorted(steps.items())}
-               for m, steps in table.items()}
+        fd.setdefault(r["method"], {}).setdefault(r["step"], {})[r["seed"]] = r["fd"]
+    with open(os.path.join(args.out, "pretrained_quality.json")) as f:
+        quality = json.load(f)
+    summary = {m: {s: dict(zip(("mean", "std"), _mean_std(list(v.values()))), values=v) for s, v in sorted(st.items())}
+               for m, st in fd.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(args=vars(args), replication=replication_report, fd=summary), f, indent=2)
+        json.dump(dict(args=vars(args), replication=replication_report, pretrained_quality=quality, fd=summary),
+                  f, indent=2)
     lines = ["# FLUX finetuning analog (bench/flux_finetune_analog.py)", "",
-             "## Step 0: converted stage-0 error / pretrained model's own error (in distribution), held-out B", "",
-             "| sigma | " + " | ".join(replication_report) + " |", "|---" * (len(replication_report) + 1) + "|"]
+             f"Pretrained model on A: FD {quality['fd_samples_vs_A_test']:.2f} against A's test set "
+             f"(real A training images: {quality['fd_A_train_vs_A_test']:.2f}; B's test set: "
+             f"{quality['fd_B_test_vs_A_test']:.2f}).", "",
+             "## Step 0: converted stage-0 error / pretrained model's own error (in distribution)", "",
+             "| sigma | " + " | ".join(f"{m} ({split})" for m in replication_report for split in ("B", "A")) + " |",
+             "|---" * (2 * len(replication_report) + 1) + "|"]
     for i, s in enumerate(r["sigma"] for r in next(iter(replication_report.values()))["B"]):
-        lines.append(f"| {s} | " + " | ".join(f"{rep['B'][i]['ratio']:.3f}" for rep in replication_report.values())
-                     + " |")
+        lines.append(f"| {s} | " + " | ".join(f"{rep[split][i]['ratio']:.3f}" for rep in replication_report.values()
+                                              for split in ("B", "A")) + " |")
     steps = sorted({s for m in summary.values() for s in m})
-    lines += ["", f"## FD on B (mean over seeds; {args.num_samples} samples, true CFG {args.cfg})", "",
-              "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    lines += ["", f"## FD on B, mean +- std over seeds {args.seeds} ({args.num_samples} samples, true CFG {args.cfg})",
+              "", "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
     for m, per_step in summary.items():
-        lines.append(f"| {m} | " + " | ".join(f"{per_step[s]['mean']:.3f}" if s in per_step else "-" for s in steps)
-                     + " |")
+        lines.append(f"| {m} | " + " | ".join(
+            f"{per_step[s]['mean']:.2f} +- {per_step[s]['std']:.2f}" if s in per_step else "-" for s in steps) + " |")
+    if "ft" in fd:
+        lines += ["", "## FD / FT's FD, same seed, mean +- std", "",
+                  "| method | " + " | ".join(f"step {s}" for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+        for m in fd:
+            if m == "ft":
+                continue
+            cells = []
+            for s in steps:
+                ratios = [v / fd["ft"][s][k] for k, v in fd[m].get(s, {}).items() if k in fd["ft"].get(s, {})]
+                cells.append("%.3f +- %.3f" % _mean_std(ratios) if ratios else "-")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, per_step in summary.items():
+        xs = sorted(per_step)
+        ax.errorbar(xs, [per_step[s]["mean"] for s in xs], yerr=[per_step[s]["std"] for s in xs], label=m,
+                    marker="o", capsize=3)
+    ax.set_xlabel("finetuning step")
+    ax.set_ylabel("FD on B (lower is better)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("FLUX finetuning analog")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "fd_curve.png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,313 @@
+"""FLUX.1-dev finetuning at real scale (issue 11): peak memory, step time and MFU of train_dfm_flux's own code paths.
+
+    python bench/bench_flux_finetune.py --out <dir> --modes full lora16 lora64 lora16_fm full_fm   # GPU
+    python bench/bench_flux_finetune.py --out <dir> --small --device cpu --modes lora16 full       # sanity run
+
+Random weights at the FLUX.1-dev configuration (no weights exist offline; memory and time are the same). Each mode
+runs in its own process (clean peak memory). What is run is the trainer's code, not a re-implementation:
+  - the pipeline: DFMTransformer2DModel.from_flux (FLUX.1-dev config), the FLUX VAE, T5-XXL and CLIP-L (random, bf16)
+    with small tokenizers (T5 still pads to 512 tokens, so its cost is the real one);
+  - the cache: ``build_flux_cache`` on ``--images`` synthetic 1024px JPEGs with captions (datasets' imagefolder
+    layout), timed: images/s; and the uncached per-step cost it removes (VAE encode + T5/CLIP encode of one batch);
+  - the trainer step: ``run_training`` (accelerate, bf16 autocast, the DFM objective, gradient clipping, the
+    configured optimizer) on the cached data; the median of the per-step times after ``--warmup`` steps;
+  - the bare step: the same model and optimizer, one forward of all stages + MSE + backward + optimizer step, no
+    objective, no loop (the issue's reference: the trainer step should be within 1.10x of it);
+  - MFU: model FLOPs (3 x the forward's, counted by torch.utils.flop_counter; recomputation not counted) / bare-step
+    time / 989 TFLOP/s (H100/H200 dense bf16).
+Modes: full (full finetune, 8-bit AdamW, gradient checkpointing), lora16 / lora64 (LoRA rank 16 / 64 on the bf16
+base, gradient checkpointing), qlora_nf4 / qlora_int8 (``quantize_base``, when the trainer has it), and *_fm (the
+same with ``num_stages 1``: plain FLUX finetuning). Writes <out>/<mode>.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from bench_transformer import FLUX_DEV, SMALL, build_flux  # noqa: E402
+
+FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                layers_per_block=2, norm_num_groups=32, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+SMALL_VAE = dict(FLUX_VAE, block_out_channels=[32, 32, 32, 32], layers_per_block=1, norm_num_groups=8)
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, projection_dim=768)
+MODES = {
+    "full": dict(lora=False, use_8bit_adam=True, num_stages=2),
+    "full_fm": dict(lora=False, use_8bit_adam=True, num_stages=1),
+    "lora16": dict(lora=True, lora_rank=16, num_stages=2),
+    "lora16_fm": dict(lora=True, lora_rank=16, num_stages=1),
+    "lora64": dict(lora=True, lora_rank=64, num_stages=2),
+    "qlora_nf4": dict(lora=True, lora_rank=16, num_stages=2, quantize_base="nf4"),
+    "qlora_int8": dict(lora=True, lora_rank=16, num_stages=2, quantize_base="int8"),
+}
+PEAK_TFLOPS = 989.0
+
+
+def random_init_(module: torch.nn.Module, seed: int):
+    """N(0, 1/fan_in) weights, zero biases, unit norm scales (activations stay O(1))."""
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+
+
+def build_on(device, dtype, make):
+    """A transformers / diffusers model made on the meta device, then materialized randomly on ``device``."""
+    with torch.device("meta"):
+        model = make()
+    model = torch.nn.Module.to(model, dtype).to_empty(device=device)
+    random_init_(model, 0)  # (transformers' own init is slow at 4.7B parameters and not needed for timing)
+    for name, buffer in model.named_buffers():  # e.g. CLIP's position ids
+        if "position_ids" in name:
+            buffer.copy_(torch.arange(buffer.shape[-1], device=device).expand_as(buffer))
+    return model.eval()
+
+
+def write_images(folder: str, n: int, size: int):
+    """``n`` random-texture JPEGs of ``size`` px with captions (metadata.jsonl)."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for i in range(n):
+            name = f"img{i:04d}.jpg"
+            if not os.path.isfile(os.path.join(folder, name)):
+                small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
+                Image.fromarray(small).resize((size, size), Image.BICUBIC).save(os.path.join(folder, name), quality=90)
+            f.write(json.dumps({"file_name": name, "text": f"a photo of texture number {i}"}) + "\n")
+
+
+def run_mode(args, mode: str) -> dict:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    from conftest import make_tiny_tokenizers
+    from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel
+    from dfm_diffusers.training.flux import (
+        FluxTask, FluxTrainingConfig, build_flux_cache, build_flux_dataset, prepare_trainable,
+    )
+    from dfm_diffusers.training.loop import make_optimizer, run_training
+    from dfm_diffusers.utils import configure_attention_backends
+
+    settings = dict(MODES[mode])
+    num_stages = settings.pop("num_stages")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    configure_attention_backends()
+    tcfg = SMALL if args.small else FLUX_DEV
+    res = args.resolution
+    data_dir = os.path.join(args.out, "data")
+    write_images(data_dir, args.images, res)
+    config = FluxTrainingConfig(
+        output_dir=os.path.join(args.out, "runs", mode), pretrained=f"random/flux-dev-config{'-small' if args.small else ''}",
+        dataset=data_dir, resolution=res, train_batch_size=args.batch, max_train_steps=args.warmup + args.steps,
+        mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True, checkpointing_steps=0,
+        validation_steps=0, report_to="none", log_every=1, learning_rate=1e-5, cache_latents=True,
+        cache_dir=os.path.join(args.out, "cache"), cache_batch_size=args.cache_batch, caption_dropout=0.1,
+        weight_dtype="bfloat16" if cuda else "float32", max_sequence_length=512 if not args.small else 32,
+        **settings,
+    )
+    result = dict(mode=mode, num_stages=num_stages, resolution=res, batch=args.batch, **settings)
+
+    torch.manual_seed(0)
+    flux = build_flux(tcfg, device, dtype, seed=0)
+    transformer = DFMTransformer2DModel.from_flux(flux, num_stages=num_stages, share_weights=True).to(device, dtype)
+    del flux
+    if settings.get("quantize_base"):
+        from dfm_diffusers.training.flux import quantize_frozen_base  # the trainer's QLoRA path
+
+        quantize_frozen_base(config, transformer)
+    vae = AutoencoderKL(**(SMALL_VAE if args.small else FLUX_VAE)).to(device, dtype).eval()
+    os.makedirs(os.path.join(args.out, "tokenizers"), exist_ok=True)
+    tokenizers = make_tiny_tokenizers(os.path.join(args.out, "tokenizers"))
+    need_text = not os.path.isfile(os.path.join(args.out, "cache", "complete"))
+    text_encoder = text_encoder_2 = None
+    if need_text:
+        clip = dict(CLIP_L, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    projection_dim=32) if args.small else CLIP_L
+        t5 = dict(T5_XXL, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4) if args.small else T5_XXL
+        text_encoder = build_on(device, dtype, lambda: CLIPTextModel(CLIPTextConfig(**clip)))
+        text_encoder_2 = build_on(device, dtype, lambda: T5EncoderModel(T5Config(**t5)))
+    pipe = DFMPipeline(
+        scheduler=DFMScheduler(num_stages=num_stages), vae=vae, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "clip"), text_encoder_2=text_encoder_2,
+        tokenizer_2=T5Tokenizer.from_pretrained(tokenizers / "t5"), transformer=transformer,
+    )
+    counts = prepare_trainable(config, transformer)
+    result.update(trainable_params=counts["trainable"], total_params=counts["total"])
+    task = FluxTask(config, pipe)
+    dataset = build_flux_dataset(config)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    if need_text:  # the cache build, timed, and the per-step encoding it saves
+        pixels = torch.stack([dataset[i]["pixel_values"] for i in range(args.batch)]).to(device)
+        captions = [dataset[i]["captions"] for i in range(args.batch)]
+        for _ in range(2):  # warm-up, then timed
+            sync()
+            t0 = time.perf_counter()
+            task.encode_images(pixels)
+            task.encode_text(captions, device)
+            sync()
+            saved = time.perf_counter() - t0
+        result["uncached_encode_s_per_step"] = saved
+        sync()
+        t0 = time.perf_counter()
+        dataset = build_flux_cache(task, dataset)
+        sync()
+        elapsed = time.perf_counter() - t0
+        result.update(cache_images=args.images, cache_build_s=elapsed, cache_images_per_s=args.images / elapsed)
+        open(os.path.join(args.out, "cache", "complete"), "w").close()
+        task.pipe.text_encoder = task.pipe.text_encoder_2 = None
+        del text_encoder, text_encoder_2
+    else:
+        dataset = build_flux_cache(task, dataset)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # the bare step: all stages active, fixed inputs, MSE, backward, optimizer step
+    batch = [dataset[i] for i in range(args.batch)]
+    latents = task.latents_from_distribution(
+        __import__("diffusers").models.autoencoders.vae.DiagonalGaussianDistribution(
+            torch.stack([b["latent_dist"] for b in batch]).to(device)))
+    bands = task.decomposition.decompose(latents)
+    embeds = torch.stack([b["prompt_embeds"] for b in batch]).to(device)
+    pooled = torch.stack([b["pooled_prompt_embeds"] for b in batch]).to(device)
+    b = latents.shape[0]
+    sigmas = torch.full((b, num_stages), 0.5, device=device)
+    inputs = [0.5 * x + 0.5 * torch.randn_like(x) for x in bands]
+    call = dict(hidden_states=inputs, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigmas,
+                num_active_stages=torch.full((b,), num_stages, device=device), txt_ids=torch.zeros(embeds.shape[1], 3,
+                device=device), guidance=torch.ones(b, device=device))
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    optimizer = make_optimizer([p for p in transformer.parameters() if p.requires_grad], config)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def bare_step():
+        with autocast:
+            out = transformer(**call).sample
+        loss = sum(torch.nn.functional.mse_loss(o.float(), x) for o, x in zip(out, bands))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        bare_step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    result["bare_step_s"] = statistics.median(times)
+    result["bare_step_runs"] = times
+    if cuda:
+        result["bare_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    with torch.no_grad(), autocast, torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        transformer(**call)
+    result["model_tflop_per_step"] = 3 * counter.get_total_flops() / 1e12
+    result["mfu"] = result["model_tflop_per_step"] / result["bare_step_s"] / PEAK_TFLOPS
+    del optimizer
+    for p in transformer.parameters():
+        p.grad = None
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    # the trainer step (the shared loop; gradient checkpointing, optimizer and autocast as configured)
+    config.resume_from_checkpoint = None
+    train = run_training(config, transformer, dataset, task.loss_fn)
+    per_step = [1 / row["it_per_s"] for row in train["log"] if row["step"] > args.warmup]
+    result["trainer_step_s"] = statistics.median(per_step)
+    result["trainer_step_runs"] = per_step
+    if cuda:
+        result["trainer_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["device"] = torch.cuda.get_device_name(device)
+    result["trainer_over_bare"] = result["trainer_step_s"] / result["bare_step_s"]
+    result["trainer_mfu"] = result["model_tflop_per_step"] / result["trainer_step_s"] / PEAK_TFLOPS
+    result.update(torch=torch.__version__, diffusers=__import__("diffusers").__version__)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--modes", nargs="+", default=["full", "lora16", "lora64", "lora16_fm", "full_fm"],
+                        choices=list(MODES))
+    parser.add_argument("--small", action="store_true", help="tiny configs and 64px (sanity run)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--images", type=int, default=64, help="synthetic images in the cache build")
+    parser.add_argument("--cache-batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--in-process", action="store_true", help="run the single given mode in this process")
+    args = parser.parse_args(argv)
+    args.resolution = args.resolution or (64 if args.small else 1024)
+    os.makedirs(args.out, exist_ok=True)
+    if args.in_process:
+        (mode,) = args.modes
+        result = run_mode(args, mode)
+        with open(os.path.join(args.out, f"{mode}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        return
+    rows = []
+    for mode in args.modes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--device", args.device, "--in-process",
+               "--modes", mode, *(["--small"] if args.small else [])]
+        for name in ("resolution", "batch", "images", "cache_batch", "warmup", "steps"):
+            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        code = subprocess.call(cmd)
+        path = os.path.join(args.out, f"{mode}.json")
+        if code != 0 or not os.path.isfile(path):
+            print(f"{mode}: failed (exit {code})", flush=True)
+            continue
+        with open(path) as f:
+            rows.append(json.load(f))
+    print("\n| mode | stages | trainable M | trainer peak GiB | trainer s/step | bare s/step | trainer / bare | MFU (bare) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['num_stages']} | {r['trainable_params'] / 1e6:.1f} | {r.get('trainer_peak_gib', 0):.1f} "
+              f"| {r['trainer_step_s']:.3f} | {r['bare_step_s']:.3f} | {r['trainer_over_bare']:.3f} | {r['mfu']:.1%} |")
+    by_mode = {r["mode"]: r for r in rows}
+    for dfm, fm in (("full", "full_fm"), ("lora16", "lora16_fm")):
+        if dfm in by_mode and fm in by_mode:
+            print(f"DFM / FM trainer step, {dfm}: {by_mode[dfm]['trainer_step_s'] / by_mode[fm]['trainer_step_s']:.4f}")
+    for r in rows:
+        if "cache_images_per_s" in r:
+            print(f"cache build: {r['cache_images_per_s']:.2f} images/s ({r['cache_images']} images, batch "
+                  f"{args.cache_batch}); uncached encoding per step: {r['uncached_encode_s_per_step']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -168,3 +168,28 @@ def test_fsdp_full_finetune_sharded_checkpoint_resume_and_consolidated_export(fl
     assert [row["step"] for row in rows] == [3, 4]
     for row, ref in zip(rows, reference):
         assert row["loss"] == pytest.approx(ref["loss"], rel=1e-3)
+
+
+def test_fsdp_refusals_and_consolidated_model(tiny_flux_transformer):
+    """In process: what the loop refuses under FSDP, and the unsharded copy the FSDP export hands to export_fn."""
+    from types import SimpleNamespace
+
+    from dfm_diffusers import DFMTransformer2DModel
+    from dfm_diffusers.training.loop import LoopConfig, consolidated_model, fsdp_problems
+
+    model = DFMTransformer2DModel.from_flux(tiny_flux_transformer)
+    fsdp2 = SimpleNamespace(is_fsdp2=True)
+    assert fsdp_problems(fsdp2, model, LoopConfig(use_ema=False)) == []
+    problems = " ".join(fsdp_problems(SimpleNamespace(is_fsdp2=False), model, LoopConfig()))
+    assert "fsdp_version: 2" in problems and "use_ema" in problems
+    assert "use_8bit_adam" in " ".join(fsdp_problems(fsdp2, model, LoopConfig(use_ema=False, use_8bit_adam=True)))
+    model.stage_layers.requires_grad_(False)
+    assert "ddp_lora.yaml" in " ".join(fsdp_problems(fsdp2, model, LoopConfig(use_ema=False)))
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = consolidated_model(model, state)
+    assert type(copy) is DFMTransformer2DModel and copy is not model and not copy.training
+    assert copy.state_dict().keys() == state.keys()
+    assert all(torch.equal(copy.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(RuntimeError, match="Missing key"):
+        consolidated_model(model, {k: v for k, v in state.items() if not k.startswith("stage_layers.")})

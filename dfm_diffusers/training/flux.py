@@ -589,7 +589,8 @@ class FluxTask:
             grid = image_grid(previews, size=min(max(images.shape[-1], 256), 512), value_range=(0, 1))
             suffix = f"_{size[0]}x{size[1]}" if sizes else ""  # one grid per validation size
             path = os.path.join(self.samples_dir, f"step_{step:07d}{suffix}.png")
-            grid.save(path)
+            if distributed_state().is_main_process:  # under FSDP every rank samples (in lockstep); one writes
+                grid.save(path)
             self.last_sample = self.last_sample if suffix and logged else path  # the card shows the first size
             logged[f"validation/samples_with_stage_previews{suffix}"] = grid.convert("RGB")
         self.last_step = step
@@ -795,15 +796,23 @@ def build_flux_task(config: FluxTrainingConfig):
     return task, dataset
 
 
+def distributed_state():
+    """accelerate's PartialState as the Accelerator will see it: ``ACCELERATE_USE_CPU=1`` (a CPU run of several
+    processes) must reach it, else a torchrun-launched process on a machine without GPUs takes itself for a
+    single-process run, and the processes never form one group."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def build_flux_cache(task: FluxTask, dataset):
     """Fill the latent / text cache (the main process first; the others then find it complete) and return the
     cached training data set (:class:`.flux_cache.CachedCaptionedImages`); ``task.cache`` is set."""
-    from accelerate import PartialState
-
     from .flux_cache import CachedCaptionedImages, FluxEmbeddingCache
 
     c = task.config
-    state = PartialState()
+    state = distributed_state()
     cache = FluxEmbeddingCache(task, dataset, c.cache_dir or os.path.join(c.output_dir, "cache"))
     with state.main_process_first():
         if not cache.is_complete():
@@ -825,10 +834,11 @@ def train_flux(config: FluxTrainingConfig) -> dict:
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
         hparams=hparams, batch_buckets=getattr(dataset, "sizes", None),
     )
-    write_loss_curve(
-        result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
-        title="DFM-FLUX training loss",
-    )
+    if distributed_state().is_main_process:
+        write_loss_curve(
+            result["log"], os.path.join(config.output_dir, "loss_curve.png"), task.num_stages,
+            title="DFM-FLUX training loss",
+        )
     result["bad_samples"] = report_bad_samples(dataset)
     result["pipeline"] = task.pipeline(task.transformer)
     result["task"] = task

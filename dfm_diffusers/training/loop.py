@@ -7,6 +7,13 @@ A trainer script supplies the model, the dataset and three callables:
   a returned dict of images (PIL, or HWC uint8 arrays) is logged to the trackers that log images (TensorBoard, ...)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
 
+Several processes (``accelerate launch``): data sharded across ranks by accelerate, checkpoints through
+``accelerator.save_state`` on every rank, the lock, logs, samples and the export on the main process. Under FSDP
+(accelerate's FSDP2, ``fsdp_version: 2``; see examples/accelerate/) the sharded forward needs every rank, so
+``sample_fn`` runs on all processes in lockstep and must write files only on the main one
+(``PartialState().is_main_process``); the export gathers the full state dict (``accelerator.get_state_dict``, on all
+ranks) and the main process alone calls ``export_fn`` with a plain, unsharded copy of the model holding it.
+
 Faults it survives: a step whose loss or gradient norm is not finite is skipped (no optimizer, lr or EMA update)
 and counted; ``max_consecutive_nonfinite_steps`` of them in a row stop the run (:class:`NonFiniteLossError`), and
 nothing holding NaN/inf is ever saved or exported. Checkpoints carry a manifest and ``latest`` takes the newest
@@ -28,7 +35,14 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -238,6 +252,48 @@ def checkpoint_trainable_parameters_only(accelerator: Accelerator, model: torch.
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def fsdp_problems(accelerator: Accelerator, model: torch.nn.Module, config: LoopConfig) -> list[str]:
+    """What this loop cannot do under FSDP (each a sentence; empty when the run can go ahead)."""
+    problems = []
+    if not getattr(accelerator, "is_fsdp2", False):
+        problems.append("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
+                        "(examples/accelerate/fsdp_full_finetune.yaml)")
+    if any(not p.requires_grad for p in model.parameters()):
+        problems.append("frozen parameters (LoRA, a frozen base) are not supported under FSDP: train LoRA with DDP "
+                        "(examples/accelerate/ddp_lora.yaml); FSDP is for full finetuning")
+    if config.use_ema:
+        problems.append("use_ema is not supported under FSDP (the EMA would be a second unsharded copy of the "
+                        "weights): set use_ema false")
+    if config.use_8bit_adam:
+        problems.append("use_8bit_adam is not supported under FSDP (bitsandbytes' 8-bit AdamW does not take "
+                        "FSDP2's sharded DTensor parameters): set use_8bit_adam false")
+    return problems
+
+
+def consolidated_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded) instance of ``model``'s class holding ``state_dict`` (a full state dict, e.g. from
+    ``accelerator.get_state_dict``), built on the meta device and assigned the tensors (no second initialisation).
+    ``model``: a diffusers ModelMixin, possibly turned into an FSDP2 module (``fully_shard`` changes its class)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        full = cls.from_config(model.config)
+    full.load_state_dict(state_dict, strict=True, assign=True)
+    left = [name for name, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the consolidated state dict left {left[:4]} on the meta device")
+    return full.eval()
+
+
+def _local(named_tensors):
+    """(name, this rank's shard) for FSDP2's DTensor parameters; other tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in named_tensors:
+        yield name, t.to_local() if isinstance(t, DTensor) else t
+
+
 def run_training(
     config: LoopConfig,
     model: torch.nn.Module,
@@ -259,6 +315,10 @@ def run_training(
     Returns a summary dict (final step, last loss, export folder, log rows, number of skipped non-finite steps).
     """
     configure_attention_backends()
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch (its --config_file's value)
+    if launched and launched != config.mixed_precision:
+        logger.warning("accelerate launch says mixed_precision=%s, the training config %s: the training config's "
+                       "is used", launched, config.mixed_precision)
     report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
     os.makedirs(config.output_dir, exist_ok=True)
     accelerator = Accelerator(
@@ -289,7 +349,17 @@ def _run_training(
 ) -> dict[str, Any]:
     checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
-    if config.gradient_checkpointing:
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    gradient_checkpointing = config.gradient_checkpointing
+    if fsdp:
+        problems = fsdp_problems(accelerator, model, config)
+        if problems:
+            raise ValueError("cannot train under FSDP: " + "; ".join(problems))
+        if gradient_checkpointing and accelerator.state.fsdp_plugin.activation_checkpointing:
+            logger.warning("gradient_checkpointing and fsdp_activation_checkpointing are both on: only FSDP's "
+                           "activation checkpointing is used")
+            gradient_checkpointing = False
+    if gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -367,9 +437,13 @@ def _run_training(
     log.truncate_after(global_step)  # a fresh run starts a fresh log; a resumed one drops rows past the checkpoint
 
     def check_finite(what: str, step: int):
-        """Refuse to save or export weights holding NaN/inf (raises NonFiniteTrainingError)."""
+        """Refuse to save or export weights holding NaN/inf (raises NonFiniteTrainingError). Under FSDP every
+        rank checks its shards and the verdict is shared (so it must be called on every rank)."""
         base = accelerator.unwrap_model(model)
-        bad = nonfinite_names(base.named_parameters())
+        if fsdp:
+            bad = sorted(set(gather_object(nonfinite_names(_local(base.named_parameters())))))
+        else:
+            bad = nonfinite_names(base.named_parameters())
         if ema is not None:
             bad += [f"EMA {n}" for n in nonfinite_names(zip(trainable_names, ema.shadow_params))]
         if bad:
@@ -444,6 +518,15 @@ def _run_training(
             elif hasattr(tracker, "log_images"):  # W&B, Comet, ...: a list of images per name
                 tracker.log_images({k: [v] for k, v in arrays.items()}, step=step)
 
+    def validate(step: int):
+        """sample_fn on the main process; under FSDP on every process in lockstep (the sharded forward needs all
+        ranks; sample_fn writes on the main one only)."""
+        if fsdp or accelerator.is_main_process:
+            images = with_ema_weights(sample_fn, step)
+            if accelerator.is_main_process:
+                log_images(images, step)
+        accelerator.wait_for_everyone()
+
     progress = tqdm(
         total=config.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process
     )
@@ -515,9 +598,7 @@ def _run_training(
             if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
                 save_checkpoint(global_step)
             if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
-                if accelerator.is_main_process:
-                    log_images(with_ema_weights(sample_fn, global_step), global_step)
-                accelerator.wait_for_everyone()
+                validate(global_step)
             if global_step >= config.max_train_steps:
                 break
         epoch += 1
@@ -527,9 +608,23 @@ def _run_training(
         save_checkpoint(global_step)
     export_dir = os.path.join(config.output_dir, "pipeline")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if sample_fn and (not config.validation_steps or global_step % config.validation_steps != 0):
-            log_images(with_ema_weights(sample_fn, global_step), global_step)
+    if sample_fn and (not config.validation_steps or global_step % config.validation_steps != 0):
+        validate(global_step)
+    if fsdp and export_fn:
+        # the full state dict is gathered by every rank (collectives) and lands on the main process, on the CPU
+        full_state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            full = consolidated_model(accelerator.unwrap_model(model), full_state)
+            del full_state
+            bad = nonfinite_names(full.named_parameters())
+            if bad:
+                raise NonFiniteTrainingError(
+                    f"step {global_step}: not writing the exported pipeline: {len(bad)} tensors hold NaN/inf "
+                    f"(first: {bad[:3]})"
+                )
+            export_fn(full, export_dir)
+            del full
+    elif accelerator.is_main_process:
         if export_fn:
             def checked_export(base, folder):
                 check_finite("exported pipeline", global_step)  # the EMA weights are swapped in here

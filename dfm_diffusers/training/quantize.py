@@ -75,6 +75,10 @@ def quantize_frozen_blocks(
                     compress_statistics=config.bnb_4bit_use_double_quant,
                     quant_storage=config.bnb_4bit_quant_storage, module=layer,
                 )
+                # bitsandbytes' CPU inference shortcut (eval mode, no grad, an AVX512-BF16 CPU) repacks the weight in
+                # place into another layout with bf16 statistics (and fails for in_features < 64); validation runs
+                # between training steps, so the frozen base has to stay as quantized
+                layer.support_avx512bf16_for_cpu = False
             layer.bias = None if old.bias is None else torch.nn.Parameter(old.bias.data, requires_grad=False)
             layer.to(device if device is not None else weight.device)  # bitsandbytes quantizes here
             replaced.append(f"{block_name}.{name}")

@@ -95,6 +95,32 @@ def test_blocks_are_quantized_stage_layers_are_not_and_outputs_stay_close(mode):
         assert 1e-6 < error < OUTPUT_TOLERANCE[mode], (s, error)
 
 
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_prepare_trainable_puts_peft_bnb_lora_on_the_quantized_layers_and_backpropagates(mode):
+    from peft.tuners.lora import bnb as peft_bnb
+
+    from dfm_diffusers.training.flux import prepare_trainable
+
+    model = tiny_dfm_transformer()
+    config = FluxTrainingConfig(quantize_base=mode, lora_rank=4)
+    counts = prepare_trainable(config, model, device="cpu")
+    lora_type = peft_bnb.Linear8bitLt if mode == "int8" else peft_bnb.Linear4bit
+    targets = [n for n, m in model.named_modules() if n.split(".")[-1] in ("to_q", "add_q_proj", "to_add_out")]
+    assert targets and all(type(model.get_submodule(n)) is lora_type for n in targets)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if ".lora_" in n or n.startswith("stage_layers.")}
+    assert counts["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # one backward through the quantized layers: gradients on exactly the trainable parameters (B starts at zero, so
+    # the LoRA's nonzero gradient is B's)
+    model.train()
+    sum(v.square().mean() for v in model(**model_inputs())[0]).backward()
+    for name, param in model.named_parameters():
+        assert (param.grad is not None) == (name in trainable), name
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), name
+    assert any(param.grad.abs().max() > 0 for name, param in model.named_parameters() if ".lora_B." in name)
+
+
 def qlora_config(pretrained, dataset, out, **overrides):
     settings = dict(pretrained=str(pretrained), dataset=str(dataset), output_dir=str(out), resolution=R,
                     train_batch_size=2, max_sequence_length=16, report_to="none", checkpointing_steps=0,
@@ -127,7 +153,7 @@ def test_quantize_base_settings_are_checked(flux_pipeline_dir, caption_dir, tmp_
         build_flux_task(qlora_config(flux_pipeline_dir, caption_dir, tmp_path))
 
 
-def mean_loss(task, model, batch, seeds=range(4)) -> float:
+def mean_loss(task, model, batch, seeds=range(2)) -> float:
     """The DFM loss on ``batch``, averaged over fixed draws (stage, sigmas, noise, VAE sample) per seed."""
     losses = []
     with torch.no_grad():
@@ -159,7 +185,7 @@ def test_qlora_trains_lora_and_stage_layers_and_exports_for_the_unquantized_base
     assert not torch.equal(state["stage_layers.heads.1.proj_out.weight"], start["stage_layers.heads.1.proj_out.weight"])
     assert all(p.dtype == torch.float32 for p in trained.parameters() if p.requires_grad)
     start_loss, trained_loss = mean_loss(start_task, start_task.transformer.eval(), batch), mean_loss(task, trained, batch)
-    assert trained_loss < 0.8 * start_loss, (start_loss, trained_loss)
+    assert trained_loss < 0.85 * start_loss, (start_loss, trained_loss)  # measured: 0.72-0.74 per draw
     assert "nf4-quantized base (QLoRA)" in (tmp_path / "run" / "pipeline" / "README.md").read_text()
 
     # (d) the LoRA export loads onto the unquantized float32 base and predicts what the quantized model predicts, up to

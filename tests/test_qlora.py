@@ -47,7 +47,8 @@ def model_inputs(batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     return dict(
         hidden_states=[torch.randn(batch, 4, 16, 16, generator=g) for _ in range(2)],
-        encoder_hidden_states=torch.randn(batch, 8, 32, generator=g), pooled_projections=torch.randn(batch, 32, generator=g),
+        encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
+        pooled_projections=torch.randn(batch, 32, generator=g),
         timestep=torch.rand(batch, 2, generator=g), num_active_stages=torch.tensor([2] * batch),
         guidance=torch.ones(batch), txt_ids=torch.zeros(8, 3), return_dict=False,
     )
@@ -79,7 +80,8 @@ def test_blocks_are_quantized_stage_layers_are_not_and_outputs_stay_close(mode):
         if name in expected:
             assert type(module) is layer_type and module.weight.dtype == weight_dtype, name
             if mode == "nf4":  # two 4-bit values per byte
-                assert module.weight.numel() * 2 == originals[name].numel() and module.weight.quant_state.quant_type == "nf4"
+                assert module.weight.numel() * 2 == originals[name].numel()
+                assert module.weight.quant_state.quant_type == "nf4"
             assert relative_error(dequantized(module), originals[name]) < WEIGHT_TOLERANCE[mode], name
         elif isinstance(module, torch.nn.Linear):  # stage layers, text / timestep embedders
             assert type(module) is torch.nn.Linear and module.weight.dtype == torch.float32, name
@@ -142,14 +144,14 @@ def test_quantize_base_settings_are_checked(flux_pipeline_dir, caption_dir, tmp_
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # importlib.util.find_spec then reports it missing
     problems = config_problems(qlora_config(flux_pipeline_dir, caption_dir, tmp_path))
-    assert problems == ["quantize_base: needs bitsandbytes (pip install 'bitsandbytes>=0.45,<0.51')"]
+    assert problems == ["quantize_base: needs bitsandbytes (pip install 'bitsandbytes>=0.50,<0.51')"]
     monkeypatch.delitem(sys.modules, "bitsandbytes")
     import importlib.metadata
 
-    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.44.1")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.49.1")
     assert config_problems(qlora_config(flux_pipeline_dir, caption_dir, tmp_path)) == [
-        "quantize_base: needs bitsandbytes >= 0.45 (installed: 0.44.1)"]
-    with pytest.raises(ConfigError, match="needs bitsandbytes >= 0.45"):  # build_flux_task checks before loading
+        "quantize_base: needs bitsandbytes >= 0.50 (installed: 0.49.1)"]
+    with pytest.raises(ConfigError, match="needs bitsandbytes >= 0.50"):  # build_flux_task checks before loading
         build_flux_task(qlora_config(flux_pipeline_dir, caption_dir, tmp_path))
 
 
@@ -184,7 +186,8 @@ def test_qlora_trains_lora_and_stage_layers_and_exports_for_the_unquantized_base
             assert torch.equal(value, start[key]), key
     assert not torch.equal(state["stage_layers.heads.1.proj_out.weight"], start["stage_layers.heads.1.proj_out.weight"])
     assert all(p.dtype == torch.float32 for p in trained.parameters() if p.requires_grad)
-    start_loss, trained_loss = mean_loss(start_task, start_task.transformer.eval(), batch), mean_loss(task, trained, batch)
+    start_loss = mean_loss(start_task, start_task.transformer.eval(), batch)
+    trained_loss = mean_loss(task, trained, batch)
     assert trained_loss < 0.85 * start_loss, (start_loss, trained_loss)  # measured: 0.72-0.74 per draw
     assert "nf4-quantized base (QLoRA)" in (tmp_path / "run" / "pipeline" / "README.md").read_text()
 
@@ -218,7 +221,9 @@ def test_qlora_trains_lora_and_stage_layers_and_exports_for_the_unquantized_base
 
 
 @pytest.mark.gpu
-def test_nf4_qlora_in_bf16_with_8bit_adam_and_checkpointing_on_gpu(flux_pipeline_dir, caption_dir, tmp_path):  # noqa: F811
+def test_nf4_qlora_in_bf16_with_8bit_adam_and_checkpointing_on_gpu(
+    flux_pipeline_dir, caption_dir, tmp_path  # noqa: F811
+):
     config = qlora_config(flux_pipeline_dir, caption_dir, tmp_path / "gpu", max_train_steps=4, learning_rate=1e-2,
                           mixed_precision="bf16", use_8bit_adam=True, gradient_checkpointing=True, validation_steps=2)
     result = train_flux(config)

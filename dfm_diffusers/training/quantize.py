@@ -30,13 +30,13 @@ QUANTIZATION_CONFIGS = {
 }
 #: the FLUX containers whose nn.Linear layers are quantized
 QUANTIZED_FLUX_BLOCKS = ("transformer_blocks", "single_transformer_blocks")
-MIN_BITSANDBYTES = (0, 45)
+MIN_BITSANDBYTES = (0, 50)  # setup.py's lower bound: the oldest version tested
 
 
 def bitsandbytes_problem() -> str | None:
     """Why bitsandbytes cannot be used here (not installed, too old), or None."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        return "needs bitsandbytes (pip install 'bitsandbytes>=0.45,<0.51')"
+        return "needs bitsandbytes (pip install 'bitsandbytes>=0.50,<0.51')"
     version = importlib.metadata.version("bitsandbytes")
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < MIN_BITSANDBYTES:

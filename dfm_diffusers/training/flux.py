@@ -12,7 +12,8 @@ latent -> Laplacian stages -> DFM noise -> transformer -> masked per-stage veloc
 Two modes:
 - ``lora: true`` (default): peft LoRA on the FLUX blocks (``lora_target_modules``, default the attention
   projections), the per-stage DFM layers trained fully (``train_stage_layers``; stage 1 starts at zero, so
-  it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32.
+  it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32. ``quantize_base:
+  int8 | nf4`` (QLoRA) keeps the frozen linear layers of the FLUX blocks in 8 / 4 bits (bitsandbytes) under the LoRA.
 - ``lora: false``: the whole transformer is trained (float32 master weights; text encoders and VAE frozen).
 
 Export (``<output_dir>/pipeline``, see :meth:`FluxTask.export_fn`): with LoRA, only what was trained (the LoRA in
@@ -42,6 +43,7 @@ from .config import ConfigError, check_config, finite, flat_hparams, positive_in
 from .dit import resolve_stage_scales, write_loss_curve
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
+from .quantize import bitsandbytes_problem, quantize_frozen_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,11 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         default_factory=lambda: list(FLUX_ATTENTION_PROJECTIONS),
     )
     train_stage_layers: bool = setting(True, "with LoRA: train the per-stage DFM layers fully (stage 1 starts at 0)")
+    quantize_base: Literal["int8", "nf4"] | None = setting(
+        None, "with LoRA (QLoRA): keep the frozen linear layers of FLUX's blocks in 8-bit (int8, LLM.int8) or 4-bit "
+        "(nf4, double-quantized) through bitsandbytes; the LoRA and the DFM stage layers stay float32, the embedders "
+        "weight_dtype; the LoRA export applies to the unquantized base"
+    )
     fuse_lora_on_export: bool = setting(
         False, "export a whole DFMPipeline folder with the LoRA merged in, not the small LoRA export"
     )
@@ -221,6 +228,15 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             problems += finite(self, "lora_alpha", low=0.0, low_open=True, optional=True)
             problems += finite(self, "lora_dropout", low=0.0, high=1.0, high_open=True)
             problems += require(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
+        if self.quantize_base is not None:
+            problems += require(self.lora, "quantize_base", "needs lora: true (the quantized weights stay frozen; a "
+                                "full finetune trains them)")
+            problems += require(
+                not self.fuse_lora_on_export, "fuse_lora_on_export", "must be false with quantize_base (merging would "
+                "bake the quantization error into the base weights): export the LoRA, load it onto the unquantized "
+                "base with DFMPipeline.from_lora_export and fuse there (pipe.fuse_lora())")
+            missing = bitsandbytes_problem()
+            problems += require(missing is None, "quantize_base", str(missing))
         num_stages = self.num_stages
         # A local folder's config files are read here; a Hub id's in build_flux_task (validation stays offline).
         well_typed = not any(p.startswith(("resolution:", "num_stages:")) for p in problems)
@@ -386,12 +402,19 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
     return pipe
 
 
-def prepare_trainable(config: FluxTrainingConfig, transformer) -> dict[str, int]:
+def prepare_trainable(
+    config: FluxTrainingConfig, transformer, device: torch.device | str | None = None
+) -> dict[str, int]:
     """Freeze / adapt ``transformer`` for the configured mode and cast its trainable parameters to float32.
 
     LoRA: everything frozen, ``transformer.add_adapter(LoraConfig(...))`` on ``lora_target_modules`` (Gaussian A,
     zero B: the model starts exactly at the converted one), plus the per-stage layers when train_stage_layers.
-    Full finetune: everything trainable. Returns counts of trainable / total parameters.
+    With ``quantize_base``, the blocks' linear layers are first replaced by bitsandbytes ones
+    (:func:`.quantize.quantize_frozen_blocks`), quantized on ``device`` (default: accelerate's), and the LoRA wraps
+    them. peft's ``prepare_model_for_kbit_training`` is not needed: it freezes (done here), casts the frozen
+    unquantized weights to float32 (they stay in weight_dtype under autocast, as without quantization) and turns on
+    gradient checkpointing (the loop's setting). Full finetune: everything trainable. Returns counts of trainable /
+    total parameters.
     """
     from diffusers.training_utils import cast_training_params
 
@@ -399,6 +422,15 @@ def prepare_trainable(config: FluxTrainingConfig, transformer) -> dict[str, int]
         from peft import LoraConfig
 
         transformer.requires_grad_(False)
+        if config.quantize_base:
+            from accelerate import PartialState
+
+            device = device if device is not None else PartialState().device
+            replaced = quantize_frozen_blocks(
+                transformer, config.quantize_base, config.resolved_weight_dtype(), device=device
+            )
+            logger.info("quantize_base %s: %d linear layers of the FLUX blocks quantized on %s",
+                        config.quantize_base, len(replaced), device)
         transformer.add_adapter(
             LoraConfig(
                 r=config.lora_rank,
@@ -696,7 +728,9 @@ class FluxTask:
             f"- data: `{c.dataset}`" + (f" (split {c.split})" if c.split != "train" else ""),
             f"- resolution: {c.resolution}px, batch size {c.train_batch_size}, learning rate {c.learning_rate}",
             f"- steps: {self.last_step if self.last_step is not None else c.max_train_steps}",
-            f"- mode: {'LoRA rank %d' % c.lora_rank if c.lora else 'full finetune'}, caption dropout {c.caption_dropout}",
+            f"- mode: {'LoRA rank %d' % c.lora_rank if c.lora else 'full finetune'}"
+            + (f" on a {c.quantize_base}-quantized base (QLoRA)" if c.quantize_base else "")
+            + f", caption dropout {c.caption_dropout}",
             "",
         ]
         if self.last_sample:

@@ -94,11 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--classifier-steps", type=int, default=4000)
     args = p.parse_args(argv)
     if args.smoke:
-        args.pretrain_steps, args.adapt_steps, args.vae_batch_size = 30, 20, 32
+        args.pretrain_steps, args.adapt_steps, args.vae_batch_size = 12, 8, 8
         args.weights, args.decoder_only_weight = [1.0], 0.0
         args.diagnostic_images = args.selection_images = 64
-        args.dit_steps, args.batch_size, args.seeds = 12, 32, [0]
-        args.num_samples, args.sample_batch_size, args.classifier_steps = 64, 64, 30
+        args.dit_steps, args.batch_size, args.seeds = 8, 16, [0]
+        args.num_samples, args.sample_batch_size, args.classifier_steps = 64, 64, 10
     args.work = args.work or os.path.join(args.out, "work")
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -118,7 +118,7 @@ def vae_arms(args) -> dict[str, dict]:
 
 def vae_command(args, out: str, start: str, steps: int, weight: float, train_encoder: bool, lr: float) -> list[str]:
     """`python -m dfm_diffusers.vae train` (resumes from its latest checkpoint when rerun)."""
-    limit = 256 if args.smoke else None
+    limit = 64 if args.smoke else None
     cmd = [
         sys.executable, "-m", "dfm_diffusers.vae", "train", "--vae", start, "--output_dir", out,
         "--dataset", "fashion_mnist", "--split", "train", "--diagnostic_split", "test", "--resolution", "32",
@@ -127,7 +127,7 @@ def vae_command(args, out: str, start: str, steps: int, weight: float, train_enc
         str(min(100, steps // 10)), "--ema_decay", "0.999" if not args.smoke else "0.9", "--max_grad_norm", "1.0",
         "--equivariance_weight", str(weight), "--equivariance_factors", json.dumps(list(FACTORS)),
         "--train_encoder", str(train_encoder).lower(), "--pixel_loss", "l1", "--kl_weight", "1e-6",
-        "--diagnostic_images", str(args.diagnostic_images), "--diagnostic_batch_size", "256",
+        "--diagnostic_images", str(args.diagnostic_images), "--diagnostic_batch_size", "64" if args.smoke else "256",
         "--checkpointing_steps", str(max(steps // 4, 1)), "--validation_steps", "0", "--validation_images", "8",
         "--log_every", "50", "--report_to", "none", "--dataloader_num_workers", "0" if args.smoke else "2",
         "--resume", "latest",
@@ -161,7 +161,8 @@ def classifier_command(args, folder: str) -> list[str]:
         "import sys; from dfm_diffusers.evaluation import load_or_train_classifier; "
         "from dfm_diffusers.evaluation.classifier import ClassifierTrainingConfig; "
         f"load_or_train_classifier({folder!r}, device={args.device!r}, data_dir={args.data_dir!r}, "
-        f"max_samples={1000 if args.smoke else None}, config=ClassifierTrainingConfig(steps={args.classifier_steps}))"
+        f"max_samples={1000 if args.smoke else None}, config=ClassifierTrainingConfig(steps={args.classifier_steps}"
+        + (", batch_size=32, widths=[8, 16, 32], blocks_per_stage=1))" if args.smoke else "))")
     )
     return [sys.executable, "-c", code]
 
@@ -217,7 +218,7 @@ def normalized_vae(args, arm: str, name: str) -> str:
     if os.path.isfile(os.path.join(folder, "config.json")):
         return folder
     vae = load_vae(os.path.join(args.work, "vae", arm, "vae"), args.device)
-    images = train_images(args, 256 if args.smoke else 4096)
+    images = train_images(args, 64 if args.smoke else 4096)
     with torch.no_grad():
         z = torch.cat([vae.encode(images[i:i + 512].to(args.device)).latent_dist.mode().float().cpu()
                        for i in range(0, len(images), 512)])
@@ -233,9 +234,9 @@ def normalized_vae(args, arm: str, name: str) -> str:
 
 def dit_args(args, name: str, vae_folder: str, latents: str) -> argparse.Namespace:
     """The reproduction launcher's settings for the runs on one VAE's latents."""
-    extra = ["--lr_warmup_steps", "2", "--model_kwargs", json.dumps({"num_layers": 2})] if args.smoke else []
+    extra = ["--lr_warmup_steps", "2", "--model_kwargs", json.dumps({"num_layers": 2, "num_attention_heads": 2})] if args.smoke else []
     if args.smoke:
-        extra += ["--stage_scales_samples", "128", "--dataloader_num_workers", "0"]
+        extra += ["--stage_scales_samples", "64", "--dataloader_num_workers", "0"]
     return argparse.Namespace(
         work=os.path.join(args.work, "dit", name), steps=args.dit_steps, eval_steps=[args.dit_steps],
         batch_size=args.batch_size, data_dir=None, sample_batch_size=args.sample_batch_size, seeds=args.seeds,
@@ -409,7 +410,7 @@ def main(argv=None):
         vae_folder = normalized_vae(args, arm, name)
         latents = os.path.join(args.work, "latents", name)
         encode_latent_shards("fashion_mnist", vae_folder, latents, resolution=32, batch_size=1024, shard_size=8192,
-                             data_dir=args.data_dir, max_samples=2048 if args.smoke else None, progress=False)
+                             data_dir=args.data_dir, max_samples=256 if args.smoke else None, progress=False)
         setups[name] = dit_args(args, name, vae_folder, latents)
     results["timings"].setdefault("normalize_and_encode", round(time.time() - t0, 1))
     if classifier_proc is not None and classifier_proc.wait() != 0:
@@ -428,7 +429,7 @@ def main(argv=None):
 
     t0 = time.time()
     classifier = load_feature_classifier(classifier_dir, args.device)
-    test_x, test_y = dataset_images("fashion_mnist", "test", 32, args.data_dir, 1000 if args.smoke else None)
+    test_x, test_y = dataset_images("fashion_mnist", "test", 32, args.data_dir, 500 if args.smoke else None)
     test_ref = Reference.build(test_x, test_y, classifier, name="fashion_mnist test")
     evals = results.setdefault("dit_evals", {})
     for name, setup in setups.items():

@@ -329,7 +329,7 @@ def write_markdown(args, results: dict, chosen: str, path: str) -> None:
               f"{sel['within_recon_budget']}). Issue criteria on the test images:", ""]
     for name, value in checks.items():
         ok = value >= 3 if "gain" in name else (value <= 0.5 if "drop" in name else value > 0)
-        lines.append(f"- {name}: {value:+.2f} -> {'met' if ok else 'NOT met'}")
+        lines.append(f"- {name}: {value:+.3f} -> {'met' if ok else 'NOT met'}")
     lines += ["", f"Latent DiT ({args.dit_steps} steps, batch {args.batch_size}, seeds {args.seeds}, "
               f"{args.num_samples} samples, FD against the 10k test images):", "",
               "| VAE | FM FD | DFM (auto, [0.7, 0.3]) FD | DFM / FM (same seed) | FM SWD | DFM SWD |",

@@ -854,6 +854,10 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     ``pipeline``: a DFMPipeline around the trained transformer (LoRA attached, last weights, not EMA), and ``task``
     (the :class:`FluxTask`, e.g. to export again)."""
     task, dataset = build_flux_task(config)
+    if config.patchify_only_steps:
+        held = sum(p.numel() for p in task.held_in_patchify_phase)
+        logger.info("steps 1-%d train only the patchification layers (%d trainable parameters held fixed), then "
+                    "everything", config.patchify_only_steps, held)
     scales = task.decomposition.stage_scales
     hparams = {**flat_hparams(config), "stage_scales": str(scales)}
     hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})

@@ -240,9 +240,10 @@ def replication(flux, model, text, latents, labels, sigmas, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--pretrain-steps", type=int, default=8000)
-    parser.add_argument("--finetune-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--finetune-steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=256, help="finetuning batch size")
+    parser.add_argument("--pretrain-batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--finetune-lr", type=float, default=1e-4)
     parser.add_argument("--layers", type=int, default=4)
@@ -266,6 +267,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.smoke:
         args.pretrain_steps, args.finetune_steps, args.batch_size, args.num_samples = 40, 8, 16, 40
+        args.pretrain_batch_size = 16
         args.layers, args.single_layers, args.heads, args.classifier_steps, args.sample_batch = 1, 1, 2, 20, 40
         args.steps, args.seeds = 8, args.seeds[:1]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -289,8 +291,9 @@ def main(argv=None):
         torch.manual_seed(0)
         flux = FluxTransformer2DModel(**flux_config(args))
         config = AnalogConfig(output_dir=os.path.join(args.out, "pretrain_run"), max_train_steps=args.pretrain_steps,
+                              **{**loop, "train_batch_size": args.pretrain_batch_size},
                               learning_rate=args.lr, checkpointing_steps=max(args.pretrain_steps // 10, 1),
-                              validation_steps=0, **loop)
+                              validation_steps=0)
         run_training(config, flux, LatentDataset(space.encode(x_a), y_a), make_loss_fn(config, text, None))
         flux.to("cpu").save_pretrained(pretrained_dir)
     flux = FluxTransformer2DModel.from_pretrained(pretrained_dir).to(device).eval()

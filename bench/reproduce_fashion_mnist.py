@@ -54,9 +54,11 @@ def run_name(arm: str, seed: int) -> str:
 
 
 def train_command(args, arm: str, seed: int) -> list[str]:
+    # args.data_args (optional): other training data, e.g. latent shards + their VAE (bench/vae_equivariance_experiment)
+    data = getattr(args, "data_args", None) or ["--dataset", "fashion_mnist", "--resolution", "32"]
     cmd = [
         sys.executable, os.path.join(ROOT, "train_dfm_dit.py"), "--output_dir", os.path.join(args.work, run_name(arm, seed)),
-        "--dataset", "fashion_mnist", "--resolution", "32", "--random_flip", "false",
+        *data, "--random_flip", "false",
         "--max_train_steps", str(args.steps), "--train_batch_size", str(args.batch_size),
         "--learning_rate", "3e-4", "--lr_warmup_steps", "200", "--ema_decay", "0.999",
         "--mixed_precision", "bf16" if torch.cuda.is_available() else "no",
@@ -68,21 +70,26 @@ def train_command(args, arm: str, seed: int) -> list[str]:
         cmd += ["--data_dir", args.data_dir]
     for key, value in ARMS[arm].items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
-    return cmd
+    return cmd + list(getattr(args, "train_args", []))  # extra settings (keys not set above)
 
 
 def train_all(args, runs: list[tuple[str, int]]) -> dict:
     """Train every run not yet finished, all at once as parallel processes; returns wall time and failures."""
-    todo = [(a, s) for a, s in runs
-            if not os.path.isdir(os.path.join(args.work, run_name(a, s), f"pipeline-{args.eval_steps[-1]}"))]
+    return train_parallel([(args, arm, seed) for arm, seed in runs])
+
+
+def train_parallel(jobs: list[tuple[argparse.Namespace, str, int]]) -> dict:
+    """(args, arm, seed) runs, each in ``args.work``: those not yet finished, all at once as parallel processes."""
+    todo = [(a, arm, s) for a, arm, s in jobs
+            if not os.path.isdir(os.path.join(a.work, run_name(arm, s), f"pipeline-{a.eval_steps[-1]}"))]
     procs = {}
     start = time.time()
-    for arm, seed in todo:
-        folder = os.path.join(args.work, run_name(arm, seed))
+    for a, arm, seed in todo:
+        folder = os.path.join(a.work, run_name(arm, seed))
         os.makedirs(folder, exist_ok=True)
         log = open(os.path.join(folder, "train.log"), "w")
-        procs[(arm, seed)] = subprocess.Popen(train_command(args, arm, seed), stdout=log, stderr=subprocess.STDOUT)
-    failed = [run_name(a, s) for (a, s), p in procs.items() if p.wait() != 0]
+        procs[folder] = subprocess.Popen(train_command(a, arm, seed), stdout=log, stderr=subprocess.STDOUT)
+    failed = [folder for folder, p in procs.items() if p.wait() != 0]
     seconds = time.time() - start
     print(f"trained {len(todo)} runs in parallel in {seconds:.0f} s; failed: {failed or 'none'}", flush=True)
     return {"runs_trained": len(todo), "parallel_seconds": round(seconds, 1), "failed": failed}

@@ -9,6 +9,10 @@ optional caption dropout to the empty prompt), images -> the frozen VAE (FLUX's 
 latent -> Laplacian stages -> DFM noise -> transformer -> masked per-stage velocity loss.
 ``num_stages: 1`` is plain FLUX flow-matching finetuning through the same code.
 
+Adapting to a new autoencoder (``vae``, e.g. one from ``python -m dfm_diffusers.vae train``), as the paper adapts
+FLUX before its DFM finetune: ``patchify_only_steps: N`` trains only the patchification layers (every stage's patch
+embedding and output projection, FLUX's x_embedder / proj_out) for the first N steps, then everything trainable.
+
 Two modes:
 - ``lora: true`` (default): peft LoRA on the FLUX blocks (``lora_target_modules``, default the attention
   projections), the per-stage DFM layers trained fully (``train_stage_layers``; stage 1 starts at zero, so
@@ -149,6 +153,12 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         "(nf4, double-quantized) through bitsandbytes; the LoRA and the DFM stage layers stay float32, the embedders "
         "weight_dtype; the LoRA export applies to the unquantized base"
     )
+    # adaptation to a new VAE (the paper's FLUX adaptation: 24k steps, the first 4k patchify-only)
+    patchify_only_steps: int = setting(
+        0, "the first N optimizer steps train only the patchification layers (every stage's patch embedding and "
+        "output projection: FLUX's x_embedder / proj_out), then everything trainable; with LoRA these layers are "
+        "trained fully and the LoRA waits. For adapting to a new --vae, with or without the DFM conversion"
+    )
     fuse_lora_on_export: bool = setting(
         False, "export a whole DFMPipeline folder with the LoRA merged in, not the small LoRA export"
     )
@@ -194,6 +204,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             "is required: an image folder with metadata.jsonl captions or a data set name",
         )
         problems += positive_int(self, "resolution", "max_sequence_length", "cache_batch_size")
+        problems += positive_int(self, "patchify_only_steps", allow_zero=True)
         if self.resolutions is not None:
             problems += require(
                 bool(self.resolutions) and all(isinstance(r, int) and r > 0 for r in self.resolutions), "resolutions",
@@ -413,8 +424,8 @@ def prepare_trainable(
     (:func:`.quantize.quantize_frozen_blocks`), quantized on ``device`` (default: accelerate's), and the LoRA wraps
     them. peft's ``prepare_model_for_kbit_training`` is not needed: it freezes (done here), casts the frozen
     unquantized weights to float32 (they stay in weight_dtype under autocast, as without quantization) and turns on
-    gradient checkpointing (the loop's setting). Full finetune: everything trainable. Returns counts of trainable /
-    total parameters.
+    gradient checkpointing (the loop's setting). Full finetune: everything trainable. With ``patchify_only_steps``
+    the patchification layers are trainable in either mode. Returns counts of trainable / total parameters.
     """
     from diffusers.training_utils import cast_training_params
 
@@ -449,9 +460,23 @@ def prepare_trainable(
             )
     else:
         transformer.requires_grad_(True)
+    if config.patchify_only_steps:
+        for name in patchify_parameter_names(transformer):
+            transformer.get_parameter(name).requires_grad_(True)
     cast_training_params(transformer, dtype=torch.float32)
     trainable = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     return dict(trainable=trainable, total=sum(p.numel() for p in transformer.parameters()))
+
+
+def patchify_parameter_names(transformer) -> list[str]:
+    """The patchification layers of a DFMTransformer2DModel: every stage's patch embedding and output projection
+    (``stage_layers.patch_embedders.*``, ``stage_layers.heads.*.proj_out.*``; stage 0's are FLUX's x_embedder and
+    proj_out). The adaLN modulation of the output norm is not one of them."""
+    return [
+        name for name, _ in transformer.named_parameters()
+        if name.startswith("stage_layers.patch_embedders.")
+        or (name.startswith("stage_layers.heads.") and ".proj_out." in name)
+    ]
 
 
 # ------------------------------------------------------------------------------------------- the task
@@ -478,6 +503,16 @@ class FluxTask:
         self.samples_dir = os.path.join(config.output_dir, "samples")
         self.last_sample, self.last_step = None, None  # the latest validation grid (shown in the model card)
         self.cache = None  # a complete FluxEmbeddingCache when training from cached latents and embeddings
+        patchify = set(patchify_parameter_names(self.transformer))
+        # trainable parameters held fixed during the patchify-only phase (the LoRA, the blocks, the other stage layers)
+        self.held_in_patchify_phase = [
+            p for n, p in self.transformer.named_parameters() if p.requires_grad and n not in patchify
+        ]
+
+    def held_fixed_parameters(self, step: int) -> list[torch.nn.Parameter]:
+        """The loop's ``held_fixed_fn``: everything trainable but the patchification layers while fewer than
+        ``patchify_only_steps`` optimizer steps are done (``step`` = steps done), then nothing."""
+        return self.held_in_patchify_phase if step < self.config.patchify_only_steps else []
 
     # ---------------------------------------------------------------------------------- frozen encoders
     def _to_device(self, device: torch.device, names=("vae", "text_encoder", "text_encoder_2")):
@@ -861,12 +896,17 @@ def train_flux(config: FluxTrainingConfig) -> dict:
     ``pipeline``: a DFMPipeline around the trained transformer (LoRA attached, last weights, not EMA), and ``task``
     (the :class:`FluxTask`, e.g. to export again)."""
     task, dataset = build_flux_task(config)
+    if config.patchify_only_steps:
+        held = sum(p.numel() for p in task.held_in_patchify_phase)
+        logger.info("steps 1-%d train only the patchification layers (%d trainable parameters held fixed), then "
+                    "everything", config.patchify_only_steps, held)
     scales = task.decomposition.stage_scales
     hparams = {**flat_hparams(config), "stage_scales": str(scales)}
     hparams.update({f"stage_scale_{s}": v for s, v in enumerate(scales or [])})
     result = run_training(
         config, task.transformer, dataset, task.loss_fn, sample_fn=task.sample_fn, export_fn=task.export_fn,
         hparams=hparams, batch_buckets=getattr(dataset, "sizes", None),
+        held_fixed_fn=task.held_fixed_parameters if config.patchify_only_steps else None,
     )
     if distributed_state().is_main_process:
         write_loss_curve(

@@ -6,6 +6,9 @@ A trainer script supplies the model, the dataset and three callables:
 - ``sample_fn(model, step) -> None | dict[str, image]`` (writes sample grids; called with EMA weights swapped in);
   a returned dict of images (PIL, or HWC uint8 arrays) is logged to the trackers that log images (TensorBoard, ...)
 - ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
+- optionally ``held_fixed_fn(step) -> parameters`` (``step`` = optimizer steps already taken): trainable parameters
+  the coming optimizer step must leave exactly as they are (e.g. FLUX's patchify-only adaptation phase); their
+  gradients are dropped before clipping, so AdamW skips them altogether (no update, no weight decay, no moments)
 
 Several processes (``accelerate launch``): data sharded across ranks by accelerate, checkpoints through
 ``accelerator.save_state`` on every rank, the lock, logs, samples and the export on the main process. Under FSDP
@@ -30,7 +33,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 import torch
@@ -304,6 +307,7 @@ def run_training(
     collate_fn=None,
     hparams: dict[str, Any] | None = None,
     batch_buckets: list | None = None,
+    held_fixed_fn: Callable[[int], Iterable[torch.nn.Parameter]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` for ``config.max_train_steps`` optimizer steps.
 
@@ -336,7 +340,7 @@ def run_training(
     try:
         return _run_training(
             accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
-            batch_buckets,
+            batch_buckets, held_fixed_fn,
         )
     finally:
         if lock is not None:
@@ -345,7 +349,7 @@ def run_training(
 
 def _run_training(
     accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
-    batch_buckets=None,
+    batch_buckets=None, held_fixed_fn=None,
 ) -> dict[str, Any]:
     checkpoint_dir = os.path.join(config.output_dir, "checkpoints")
     set_seed(config.seed)
@@ -547,6 +551,10 @@ def _run_training(
                 nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
                 grad_norm, step_ok = None, True
                 if accelerator.sync_gradients:
+                    if held_fixed_fn is not None:
+                        # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
+                        for p in held_fixed_fn(global_step):
+                            p.grad = None
                     # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
                     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)

@@ -16,7 +16,10 @@ FLUX's 2x2 packing then gives 8x8 tokens).
    - ``ft``: FM finetuning (DFMTransformer2DModel.from_flux(num_stages=1) == FLUX; the paper's FLUX-FT);
    - ``dfm_old``: DFM, 2 stages at factor 2, the first implementation's conversion (stage_upsampling=[1, 1]:
      stage 0 noised at its own resolution and nearest-upsampled into FLUX);
-   - ``dfm_new``: DFM, 2 stages at factor 2, the paper's conversion (stage 0 carried at full resolution).
+   - ``dfm_new``: DFM, 2 stages at factor 2, the paper's conversion (stage 0 carried at full resolution);
+   - ``dfm_new_bal``: ``dfm_new`` with the pixel-space reproduction's fix (issue 9): the detail band standardized
+     relative to stage 0 (``stage_scales: auto_relative``; stage 0 unchanged, so the replication holds) and stage
+     weights [0.7, 0.3].
 3. report:
    - step 0, "replicates FLUX" measured: for each conversion, the stage-0 clean-estimate error of the converted model
      on held-out B (and A) content at sigma 0.1..0.9, divided by the pretrained model's own error on the same
@@ -56,6 +59,7 @@ from conftest import make_tiny_flux_components, make_tiny_tokenizers  # noqa: E4
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 
 from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
+from dfm_diffusers.data.band_stats import estimate_stage_scales  # noqa: E402
 from dfm_diffusers.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
 from dfm_diffusers.evaluation import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
 from dfm_diffusers.training.loop import LoopConfig, run_training  # noqa: E402
@@ -64,7 +68,12 @@ from dfm_diffusers.visualize import image_grid  # noqa: E402
 
 CLASSES_A, CLASSES_B = list(range(5)), list(range(5, 10))
 METHODS = {"ft": dict(num_stages=1), "dfm_old": dict(num_stages=2, stage_upsampling=[1, 1]),
-           "dfm_new": dict(num_stages=2)}
+           "dfm_new": dict(num_stages=2), "dfm_new_bal": dict(num_stages=2)}
+# objective settings per method (default: the library's): dfm_new_bal is the pixel-space reproduction's fix (issue 9),
+# detail band standardized relative to stage 0 (auto_relative keeps stage 0, so the step-0 replication holds) and
+# stage weights [0.7, 0.3]
+OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3])}
+STAGE_SCALES = {"dfm_new_bal": "auto_relative"}
 MAX_TEXT = 16
 
 
@@ -85,7 +94,7 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.latents)
 
     def __getitem__(self, i):
-        return {"latent": self.latents[i], "label": self.labels[i]}
+        return {"latents": self.latents[i], "label": self.labels[i]}
 
 
 def load_data(classes, split, data_dir=None, max_per_class=None):
@@ -155,7 +164,7 @@ def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
     """loss_fn(model, batch) of the shared loop: the DFM objective (one stage = flow matching) on the batch."""
 
     def loss_fn(model, batch):
-        latents = batch["latent"]
+        latents = batch["latents"]
         embeds, pooled = text.lookup(batch["label"].to(latents.device), config.caption_dropout)
         base = model.module if hasattr(model, "module") else model
 
@@ -370,6 +379,12 @@ def main(argv=None):
             if os.path.isfile(os.path.join(run_dir, "done")):
                 continue
             model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], torch_dtype=torch.float32).train()
+            train_data = LatentDataset(space.encode(x_b), y_b)
+            if method in STAGE_SCALES:
+                scales, _ = estimate_stage_scales(STAGE_SCALES[method], train_data,
+                                                  LaplacianDecomposition.from_config(model.config), progress=False)
+                model.register_to_config(stage_scales=scales)
+                print(f"{method}: stage_scales {STAGE_SCALES[method]} = {scales}", flush=True)
             decomposition = LaplacianDecomposition.from_config(model.config)
 
             def evaluate(trained, step, method=method, seed=seed):
@@ -393,8 +408,8 @@ def main(argv=None):
                 model.to("cpu")
             config = AnalogConfig(output_dir=run_dir, seed=seed, max_train_steps=args.finetune_steps,
                                   learning_rate=args.finetune_lr, checkpointing_steps=checkpoint_every,
-                                  validation_steps=checkpoint_every, **loop)
-            run_training(config, model, LatentDataset(space.encode(x_b), y_b), make_loss_fn(config, text, decomposition),
+                                  validation_steps=checkpoint_every, **loop, **OBJECTIVE.get(method, {}))
+            run_training(config, model, train_data, make_loss_fn(config, text, decomposition),
                          sample_fn=evaluate)
             open(os.path.join(run_dir, "done"), "w").close()
 

@@ -78,11 +78,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=1, help="per GPU")
     parser.add_argument("--mixed-precision", default=None, help="default: bf16 on GPU, no on CPU")
+    parser.add_argument("--blocks", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
+                        help="FLUX.1-dev width with fewer blocks (default: all 19 + 38); e.g. where the disk cannot "
+                        "hold full-size sharded checkpoints (float32 weights + AdamW states: ~144 GB per save)")
+    parser.add_argument("--no-checkpoints", action="store_true",
+                        help="memory and step time only: no checkpoint (and so no --resume)")
     args = parser.parse_args(argv)
 
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     device = state.device
     flux_config = SMALL if args.small else FLUX_DEV
+    if args.blocks:
+        flux_config = dict(flux_config, num_layers=args.blocks[0], num_single_layers=args.blocks[1])
     resolution = 128 if args.small else args.resolution
     text_len = 16 if args.small else args.text_len
     mixed = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
@@ -91,7 +98,7 @@ def main(argv=None):
     config = SmokeConfig(
         output_dir=resumed_dir if args.resume else run_dir, seed=0, train_batch_size=args.batch,
         max_train_steps=args.steps, learning_rate=1e-5, use_ema=False, mixed_precision=mixed,
-        checkpointing_steps=mid, checkpoints_total_limit=None, validation_steps=0, log_every=1, report_to="none",
+        checkpointing_steps=0 if args.no_checkpoints else mid, checkpoints_total_limit=None, validation_steps=0, log_every=1, report_to="none",
         resume_from_checkpoint=os.path.join(run_dir, "checkpoints", f"checkpoint-{mid}") if args.resume else None,
         gradient_checkpointing=False,  # the FSDP config checkpoints activations per block
     )

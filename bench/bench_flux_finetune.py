@@ -138,10 +138,6 @@ def run_mode(args, mode: str) -> dict:
     flux = build_flux(tcfg, device, dtype, seed=0)
     transformer = DFMTransformer2DModel.from_flux(flux, num_stages=num_stages, share_weights=True).to(device, dtype)
     del flux
-    if settings.get("quantize_base"):
-        from dfm_diffusers.training.flux import quantize_frozen_base  # the trainer's QLoRA path
-
-        quantize_frozen_base(config, transformer)
     vae = AutoencoderKL(**(SMALL_VAE if args.small else FLUX_VAE)).to(device, dtype).eval()
     os.makedirs(os.path.join(args.out, "tokenizers"), exist_ok=True)
     tokenizers = make_tiny_tokenizers(os.path.join(args.out, "tokenizers"))
@@ -158,7 +154,7 @@ def run_mode(args, mode: str) -> dict:
         tokenizer=CLIPTokenizer.from_pretrained(tokenizers / "clip"), text_encoder_2=text_encoder_2,
         tokenizer_2=T5Tokenizer.from_pretrained(tokenizers / "t5"), transformer=transformer,
     )
-    counts = prepare_trainable(config, transformer)
+    counts = prepare_trainable(config, transformer, device=device)  # (quantize_base: the trainer's QLoRA path)
     result.update(trainable_params=counts["trainable"], total_params=counts["total"])
     task = FluxTask(config, pipe)
     dataset = build_flux_dataset(config)

@@ -370,6 +370,9 @@ def _run_training(
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     optimizer = make_optimizer(trainable, config)
+    # Under FSDP, prepare() swaps every parameter for its shard: a list still holding the originals would keep a
+    # whole unsharded copy of the model alive on every GPU for the entire run.
+    del trainable
     lr_scheduler = get_scheduler(
         config.lr_scheduler,
         optimizer=optimizer,

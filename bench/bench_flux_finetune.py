@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from bench_transformer import FLUX_DEV, SMALL, build_flux  # noqa: E402
+from bench_transformer import FLUX_DEV, SMALL, build_flux, random_init_  # noqa: E402
 
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -58,19 +58,6 @@ MODES = {
     "qlora_int8": dict(lora=True, lora_rank=16, num_stages=2, quantize_base="int8"),
 }
 PEAK_TFLOPS = 989.0
-
-
-def random_init_(module: torch.nn.Module, seed: int):
-    """N(0, 1/fan_in) weights, zero biases, unit norm scales (activations stay O(1))."""
-    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.fill_(1.0)
 
 
 def build_on(device, dtype, make):

@@ -61,18 +61,23 @@ def build_flux(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     with torch.device("meta"):
         flux = FluxTransformer2DModel(**config)
     flux = torch.nn.Module.to(flux, dtype).to_empty(device=device)  # (ModelMixin.to warns needlessly on meta)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    random_init_(flux, seed)
+    for name, b in flux.named_buffers():
+        raise RuntimeError(f"unexpected buffer {name}: initialise it here")
+    return flux.eval()
+
+
+def random_init_(module: torch.nn.Module, seed: int):
+    """In place: weights N(0, 1/fan_in), biases 0, other 1-d parameters (norm scales) 1."""
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in flux.named_parameters():
+        for name, p in module.named_parameters():
             if p.ndim >= 2:
                 p.normal_(0, 1 / math.sqrt(p.shape[1]), generator=gen)
             elif name.endswith("bias"):
                 p.zero_()
-            else:  # RMSNorm scales (attention q/k norms)
+            else:  # RMSNorm / LayerNorm scales
                 p.fill_(1.0)
-        for name, b in flux.named_buffers():
-            raise RuntimeError(f"unexpected buffer {name}: initialise it here")
-    return flux.eval()
 
 
 def make_inputs(config: dict, height: int, width: int, text_len: int, batch: int, device, dtype, seed: int,

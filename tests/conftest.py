@@ -189,6 +189,30 @@ def flux_pipeline_dir(tmp_path_factory, tokenizer_dir):
 RELOAD_ATOL = 1e-5
 
 
+
+# Captioned photographs from the scikit-image wheel: file name -> caption.
+CAPTIONED_IMAGES = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
+                    "camera.png": "a man"}
+
+
+@pytest.fixture(scope="module")
+def caption_dir(tmp_path_factory):
+    """An image folder with a metadata.jsonl of captions (datasets' imagefolder layout)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    import skimage
+
+    src = Path(skimage.__file__).parent / "data"
+    root = tmp_path_factory.mktemp("captioned")
+    with open(root / "metadata.jsonl", "w") as f:
+        for name, caption in CAPTIONED_IMAGES.items():
+            shutil.copy(src / name, root / name)
+            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    return root
+
+
 def assert_reloaded_equal(original, loaded):
     """Every named component (nn.Module) of two pipelines holds bit-identical parameters and buffers."""
     for name, module in original.components.items():

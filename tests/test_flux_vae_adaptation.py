@@ -11,7 +11,7 @@ from dfm_diffusers import DFMPipeline
 from dfm_diffusers.data import FASHION_MNIST_DIR
 from dfm_diffusers.training.config import ConfigError, load_config
 from dfm_diffusers.training.flux import FluxTrainingConfig, patchify_parameter_names
-from test_train_flux import args, caption_dir, converted_start, train_dfm_flux  # noqa: F401  (caption_dir: fixture)
+from test_train_flux import args, converted_start, train_dfm_flux
 
 PATCHIFY = ("stage_layers.patch_embedders.0.weight", "stage_layers.patch_embedders.0.bias",
             "stage_layers.heads.0.proj_out.weight", "stage_layers.heads.0.proj_out.bias")

@@ -19,22 +19,6 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "multiprocess_flux_driver.py"
-IMAGES = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
-          "camera.png": "a man"}
-
-
-@pytest.fixture(scope="module")
-def caption_dir(tmp_path_factory):
-    import skimage
-
-    src = Path(skimage.__file__).parent / "data"
-    root = tmp_path_factory.mktemp("captioned")
-    with open(root / "metadata.jsonl", "w") as f:
-        for name, caption in IMAGES.items():
-            shutil.copy(src / name, root / name)
-            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
-    return root
-
 
 def free_port() -> int:
     with socket.socket() as s:

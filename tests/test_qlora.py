@@ -13,7 +13,7 @@ from dfm_diffusers import DFMPipeline
 from dfm_diffusers.training.config import ConfigError, config_problems, load_config
 from dfm_diffusers.training.flux import FluxTrainingConfig, build_flux_task, train_flux
 from dfm_diffusers.training.quantize import QUANTIZED_FLUX_BLOCKS, quantize_frozen_blocks
-from test_train_flux import R, SAMPLE, caption_dir, gen  # noqa: F401  (caption_dir: a fixture)
+from test_train_flux import R, SAMPLE, gen
 
 bnb = pytest.importorskip("bitsandbytes")
 

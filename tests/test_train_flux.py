@@ -13,13 +13,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the top-level train_dfm_flux.py
 
 import train_dfm_flux  # noqa: E402
+from conftest import CAPTIONED_IMAGES  # noqa: E402
 from dfm_diffusers import DFMPipeline  # noqa: E402
 from dfm_diffusers.pipelines.lora_export import LORA_EXPORT_CONFIG_NAME, TRAINED_WEIGHT_NAME  # noqa: E402
 from dfm_diffusers.training.flux import LORA_WEIGHT_NAME, FluxTrainingConfig, build_flux_task  # noqa: E402
 
 R = 32  # pixels; the tiny VAE has factor 2 -> 16x16 latents (stage 0: 8x8)
-IMAGES = {"astronaut.png": "an astronaut", "chelsea.png": "a cat", "coffee.png": "a cup of coffee",
-          "camera.png": "a man"}
+IMAGES = CAPTIONED_IMAGES  # the caption_dir fixture's (conftest)
 SAMPLE = dict(height=R, width=R, output_type="pt", max_sequence_length=16, steps_per_stage=[2, 2])
 
 
@@ -27,18 +27,6 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="module")
-def caption_dir(tmp_path_factory):
-    """An image folder with a metadata.jsonl of captions (datasets' imagefolder layout)."""
-    import skimage
-
-    src = Path(skimage.__file__).parent / "data"
-    root = tmp_path_factory.mktemp("captioned")
-    with open(root / "metadata.jsonl", "w") as f:
-        for name, caption in IMAGES.items():
-            shutil.copy(src / name, root / name)
-            f.write(json.dumps({"file_name": name, "text": caption}) + "\n")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,9 @@ def write_images(folder: str, n: int, size: int):
 
 
 def run_mode(args, mode: str) -> dict:
+    import diffusers
     from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
     from conftest import make_tiny_tokenizers
@@ -179,8 +181,7 @@ def run_mode(args, mode: str) -> dict:
     # the bare step: all stages active, fixed inputs, MSE, backward, optimizer step
     batch = [dataset[i] for i in range(args.batch)]
     latents = task.latents_from_distribution(
-        __import__("diffusers").models.autoencoders.vae.DiagonalGaussianDistribution(
-            torch.stack([b["latent_dist"] for b in batch]).to(device)))
+        DiagonalGaussianDistribution(torch.stack([b["latent_dist"] for b in batch]).to(device)))
     bands = task.decomposition.decompose(latents)
     embeds = torch.stack([b["prompt_embeds"] for b in batch]).to(device)
     pooled = torch.stack([b["pooled_prompt_embeds"] for b in batch]).to(device)
@@ -237,7 +238,7 @@ def run_mode(args, mode: str) -> dict:
         result["device"] = torch.cuda.get_device_name(device)
     result["trainer_over_bare"] = result["trainer_step_s"] / result["bare_step_s"]
     result["trainer_mfu"] = result["model_tflop_per_step"] / result["trainer_step_s"] / PEAK_TFLOPS
-    result.update(torch=torch.__version__, diffusers=__import__("diffusers").__version__)
+    result.update(torch=torch.__version__, diffusers=diffusers.__version__)
     return result
 
 

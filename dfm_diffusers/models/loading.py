@@ -41,3 +41,17 @@ def strict_from_pretrained(cls, load, pretrained_model_name_or_path, kwargs: dic
             f"its weights ({'; '.join(parts)}).{hint}"
         )
     return (model, info) if output_loading_info else model
+
+
+def model_from_state_dict(cls, config, state_dict: dict, what: str = "state dict"):
+    """``cls.from_config(config)`` built on the meta device and assigned ``state_dict``'s tensors (strict; no random
+    initialisation, no copy), in eval mode. RuntimeError if anything is left on the meta device."""
+    import torch
+
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"the {what} left {left[:4]} on the meta device")
+    return model.eval()

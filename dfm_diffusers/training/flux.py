@@ -684,13 +684,9 @@ class FluxTask:
             if key in deltas:
                 value = value.float() + deltas[key].float()
             state[key] = value.to("cpu", self.weight_dtype, copy=True)
-        with torch.device("meta"):
-            clean = DFMTransformer2DModel.from_config(model.config)
-        clean.load_state_dict(state, strict=True, assign=True)
-        left = [name for name, t in [*clean.named_parameters(), *clean.named_buffers()] if t.is_meta]
-        if left:
-            raise RuntimeError(f"internal error: export left {left[:4]} on the meta device")
-        return clean.eval()
+        from ..models.loading import model_from_state_dict
+
+        return model_from_state_dict(DFMTransformer2DModel, model.config, state, "exported transformer")
 
     def recommended_sampling(self) -> dict:
         """The sampling settings the exported model card recommends (the validation ones: by default the paper's

@@ -279,14 +279,10 @@ def consolidated_model(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
     ``model``: a diffusers ModelMixin, possibly turned into an FSDP2 module (``fully_shard`` changes its class)."""
     from torch.distributed.fsdp import FSDPModule
 
+    from ..models.loading import model_from_state_dict
+
     cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    with torch.device("meta"):
-        full = cls.from_config(model.config)
-    full.load_state_dict(state_dict, strict=True, assign=True)
-    left = [name for name, t in [*full.named_parameters(), *full.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"the consolidated state dict left {left[:4]} on the meta device")
-    return full.eval()
+    return model_from_state_dict(cls, model.config, state_dict, "consolidated state dict")
 
 
 def _local(named_tensors):

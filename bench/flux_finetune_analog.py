@@ -16,10 +16,13 @@ FLUX's 2x2 packing then gives 8x8 tokens).
    - ``ft``: FM finetuning (DFMTransformer2DModel.from_flux(num_stages=1) == FLUX; the paper's FLUX-FT);
    - ``dfm_old``: DFM, 2 stages at factor 2, the first implementation's conversion (stage_upsampling=[1, 1]:
      stage 0 noised at its own resolution and nearest-upsampled into FLUX);
-   - ``dfm_new``: DFM, 2 stages at factor 2, the paper's conversion (stage 0 carried at full resolution);
-   - ``dfm_new_bal``: ``dfm_new`` with the pixel-space reproduction's fix (issue 9): the detail band standardized
-     relative to stage 0 (``stage_scales: auto_relative``; stage 0 unchanged, so the replication holds) and stage
-     weights [0.7, 0.3].
+   - ``dfm_new``: DFM, 2 stages at factor 2, the paper's conversion (stage 0 carried at full resolution), the new
+     stage's input projection and head both zero (``new_stage_init="zero"``);
+   - ``dfm_embed``: the same with the library's default ``new_stage_init="x_embedder"`` (the new stage's input
+     projection starts as FLUX's x_embedder, its head at zero);
+   - ``dfm_new_bal`` / ``dfm_embed_bal``: with the pixel-space reproduction's fix (issue 9): the detail band
+     standardized relative to stage 0 (``stage_scales: auto_relative``; stage 0 unchanged, so the replication holds)
+     and stage weights [0.7, 0.3].
 3. report:
    - step 0, "replicates FLUX" measured: for each conversion, the stage-0 clean-estimate error of the converted model
      on held-out B (and A) content at sigma 0.1..0.9, divided by the pretrained model's own error on the same
@@ -31,6 +34,8 @@ FLUX's 2x2 packing then gives 8x8 tokens).
      offline) of ``--num-samples`` samples at step 0 (the converted model before any finetuning) and 4 checkpoints,
      for each of ``--seeds``; sampling as the paper: true CFG ``--cfg`` (default 3.0) against the empty prompt,
      guidance input 1.0, FM ``--steps`` steps, DFM split 3:1;
+   - at step 0 also FD on A (does the converted model generate what the pretrained one knows?);
+   - at the last step, FD on B at every static time shift of ``--final-shifts`` (which shift fits each method);
    - sample grids with the stage previews (final checkpoint, seed 0).
 The (method, seed) runs are independent processes on the same GPU (``--workers``; a tiny model leaves the GPU idle
 between kernel launches, so they overlap well). Everything goes to --out: pretrained/ (FLUX), classifier.pt,
@@ -67,13 +72,16 @@ from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  
 from dfm_diffusers.visualize import image_grid  # noqa: E402
 
 CLASSES_A, CLASSES_B = list(range(5)), list(range(5, 10))
-METHODS = {"ft": dict(num_stages=1), "dfm_old": dict(num_stages=2, stage_upsampling=[1, 1]),
-           "dfm_new": dict(num_stages=2), "dfm_new_bal": dict(num_stages=2)}
-# objective settings per method (default: the library's): dfm_new_bal is the pixel-space reproduction's fix (issue 9),
-# detail band standardized relative to stage 0 (auto_relative keeps stage 0, so the step-0 replication holds) and
-# stage weights [0.7, 0.3]
-OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3])}
-STAGE_SCALES = {"dfm_new_bal": "auto_relative"}
+METHODS = {"ft": dict(num_stages=1),
+           "dfm_old": dict(num_stages=2, stage_upsampling=[1, 1], new_stage_init="zero"),
+           "dfm_new": dict(num_stages=2, new_stage_init="zero"), "dfm_new_bal": dict(num_stages=2, new_stage_init="zero"),
+           "dfm_embed": dict(num_stages=2, new_stage_init="x_embedder"),
+           "dfm_embed_bal": dict(num_stages=2, new_stage_init="x_embedder")}
+# objective settings per method (default: the library's): the _bal methods use the pixel-space reproduction's fix
+# (issue 9), detail band standardized relative to stage 0 (auto_relative keeps stage 0, so the step-0 replication
+# holds) and stage weights [0.7, 0.3]
+OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3]), "dfm_embed_bal": dict(stage_weights=[0.7, 0.3])}
+STAGE_SCALES = {"dfm_new_bal": "auto_relative", "dfm_embed_bal": "auto_relative"}
 MAX_TEXT = 16
 
 
@@ -182,11 +190,11 @@ def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
     return loss_fn
 
 
-def make_pipeline(model, steps: int, threshold: float):
+def make_pipeline(model, steps: int, threshold: float, shift: float = 1.0):
     num_stages = model.config.num_stages
     split = [steps] if num_stages == 1 else [steps - steps // 4, steps // 4]
     scheduler = DFMScheduler(num_stages=num_stages, steps_per_stage=split,
-                             stage_thresholds=[threshold] * (num_stages - 1))
+                             stage_thresholds=[threshold] * (num_stages - 1), shift=shift)
     pipe = DFMPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
                        tokenizer_2=None, transformer=model)
     pipe.set_progress_bar_config(disable=True)
@@ -194,9 +202,10 @@ def make_pipeline(model, steps: int, threshold: float):
 
 
 @torch.no_grad()
-def generate(model, text: TextBank, space: LatentSpace, labels, args, seed: int, previews: bool = False):
+def generate(model, text: TextBank, space: LatentSpace, labels, args, seed: int, previews: bool = False,
+             shift: float = 1.0):
     """Images [N, 1, 32, 32] for class ``labels`` (true CFG against the empty prompt, guidance input 1)."""
-    pipe = make_pipeline(model, args.steps, args.threshold)
+    pipe = make_pipeline(model, args.steps, args.threshold, shift)
     images, stage_previews = [], None
     g = torch.Generator(device=labels.device).manual_seed(seed)
     for chunk in labels.split(args.sample_batch):
@@ -269,6 +278,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="sampling steps (DFM: split 3:1 between its stages)")
     parser.add_argument("--threshold", type=float, default=0.2, help="DFM stage threshold (actual sigma)")
     parser.add_argument("--cfg", type=float, default=3.0)
+    parser.add_argument("--final-shifts", type=float, nargs="*", default=[0.5, 2.0, 3.0],
+                        help="static time shifts also sampled at the last step (1.0 is sampled at every checkpoint)")
     parser.add_argument("--classifier-steps", type=int, default=2000)
     parser.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no")
     parser.add_argument("--data-dir", default=None)
@@ -333,6 +344,7 @@ def main(argv=None):
         torch.save(classifier.cpu(), classifier_path)
         classifier.to(device)
     real_features = extract_features(classifier, x_b_test.to(device))
+    real_features_a = extract_features(classifier, x_a_test.to(device))
     quality_path = os.path.join(args.out, "pretrained_quality.json")
     if not os.path.isfile(quality_path):
         n = min(args.num_samples, len(x_a_test))
@@ -369,7 +381,8 @@ def main(argv=None):
     done = set()
     if os.path.isfile(fd_path):
         with open(fd_path) as f:
-            done = {(r["method"], r["seed"], r["step"]) for r in map(json.loads, f)}
+            done = {(r["method"], r["seed"], r["step"], r.get("data", "B"), r.get("shift", 1.0))
+                for r in map(json.loads, f)}
     eval_labels = torch.tensor(CLASSES_B, device=device).repeat_interleave(args.num_samples // len(CLASSES_B))
     checkpoint_every = max(args.finetune_steps // 4, 1)
 
@@ -380,21 +393,32 @@ def main(argv=None):
                 continue
             model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], torch_dtype=torch.float32).train()
             train_data = LatentDataset(space.encode(x_b), y_b)
-            if method in STAGE_SCALES:
+            if method in STAGE_SCALES:  # estimated first, so the conversion scales the new stage's input projection
                 scales, _ = estimate_stage_scales(STAGE_SCALES[method], train_data,
                                                   LaplacianDecomposition.from_config(model.config), progress=False)
-                model.register_to_config(stage_scales=scales)
+                model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], stage_scales=scales,
+                                                        torch_dtype=torch.float32).train()
                 print(f"{method}: stage_scales {STAGE_SCALES[method]} = {scales}", flush=True)
             decomposition = LaplacianDecomposition.from_config(model.config)
 
             def evaluate(trained, step, method=method, seed=seed):
                 trained.eval()
-                if (method, seed, step) not in done:
-                    samples, _ = generate(trained, text, space, eval_labels, args, seed=1000 + seed)
-                    fd = frechet_distance(extract_features(classifier, samples.to(device)), real_features)
+                runs = [("B", 1.0)]
+                if step == 0:
+                    runs.append(("A", 1.0))
+                if step == args.finetune_steps:
+                    runs += [("B", k) for k in args.final_shifts if k != 1.0]
+                for data, shift in runs:
+                    if (method, seed, step, data, shift) in done:
+                        continue
+                    labels = eval_labels if data == "B" else eval_labels - len(CLASSES_A)
+                    samples, _ = generate(trained, text, space, labels, args, seed=1000 + seed, shift=shift)
+                    reference = real_features if data == "B" else real_features_a
+                    fd = frechet_distance(extract_features(classifier, samples.to(device)), reference)
                     with open(fd_path, "a") as f:
-                        f.write(json.dumps(dict(method=method, seed=seed, step=step, fd=fd)) + "\n")
-                    print(f"{method} seed {seed} step {step}: FD {fd:.3f}", flush=True)
+                        f.write(json.dumps(dict(method=method, seed=seed, step=step, fd=fd, data=data, shift=shift))
+                                + "\n")
+                    print(f"{method} seed {seed} step {step} {data} shift {shift}: FD {fd:.3f}", flush=True)
                 if step == args.finetune_steps and seed == 0:
                     labels = torch.tensor(CLASSES_B, device=device).repeat(2)
                     images, previews = generate(trained, text, space, labels, args, seed=7, previews=True)
@@ -403,7 +427,7 @@ def main(argv=None):
                         os.path.join(args.out, "grids", f"{method}.png"))
                 trained.train()
 
-            if (method, seed, 0) not in done:  # the converted model before any finetuning
+            if (method, seed, 0, "A", 1.0) not in done:  # the converted model before any finetuning
                 evaluate(model.to(device), 0)
                 model.to("cpu")
             config = AnalogConfig(output_dir=run_dir, seed=seed, max_train_steps=args.finetune_steps,
@@ -425,17 +449,24 @@ def _mean_std(values):
 def summarize(args, replication_report):
     """results.json, RESULTS.md (mean +- std over seeds; DFM / FT ratios per seed) and fd_curve.png from fd.jsonl."""
     with open(os.path.join(args.out, "fd.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+        all_rows = [json.loads(line) for line in f]
+    rows = [r for r in all_rows if r.get("data", "B") == "B" and r.get("shift", 1.0) == 1.0]
     fd = {}
     for r in rows:
         fd.setdefault(r["method"], {}).setdefault(r["step"], {})[r["seed"]] = r["fd"]
+    fd_a0, fd_shift = {}, {}
+    for r in all_rows:
+        if r.get("data", "B") == "A":
+            fd_a0.setdefault(r["method"], []).append(r["fd"])
+        elif r["step"] == args.finetune_steps:
+            fd_shift.setdefault(r["method"], {}).setdefault(r.get("shift", 1.0), []).append(r["fd"])
     with open(os.path.join(args.out, "pretrained_quality.json")) as f:
         quality = json.load(f)
     summary = {m: {s: dict(zip(("mean", "std"), _mean_std(list(v.values()))), values=v) for s, v in sorted(st.items())}
                for m, st in fd.items()}
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(args=vars(args), replication=replication_report, pretrained_quality=quality, fd=summary),
-                  f, indent=2)
+        json.dump(dict(args=vars(args), replication=replication_report, pretrained_quality=quality, fd=summary,
+                       fd_on_A_at_step_0=fd_a0, fd_at_last_step_by_shift=fd_shift), f, indent=2)
     lines = ["# FLUX finetuning analog (bench/flux_finetune_analog.py)", "",
              f"Pretrained model on A: FD {quality['fd_samples_vs_A_test']:.2f} against A's test set "
              f"(real A training images: {quality['fd_A_train_vs_A_test']:.2f}; B's test set: "
@@ -463,6 +494,17 @@ def summarize(args, replication_report):
                 ratios = [v / fd["ft"][s][k] for k, v in fd[m].get(s, {}).items() if k in fd["ft"].get(s, {})]
                 cells.append("%.3f +- %.3f" % _mean_std(ratios) if ratios else "-")
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if fd_a0:
+        lines += ["", "## Step 0: FD on A (the converted model on what the pretrained one knows), mean +- std", "",
+                  "| method | FD on A |", "|---|---|"]
+        lines += [f"| {m} | " + "%.2f +- %.2f" % _mean_std(v) + " |" for m, v in fd_a0.items()]
+    shifts = sorted({k for per in fd_shift.values() for k in per})
+    if len(shifts) > 1:
+        lines += ["", f"## Step {args.finetune_steps}: FD on B by static sampling shift, mean +- std", "",
+                  "| method | " + " | ".join(f"shift {k}" for k in shifts) + " |", "|---" * (len(shifts) + 1) + "|"]
+        for m, per in fd_shift.items():
+            lines.append(f"| {m} | " + " | ".join("%.2f +- %.2f" % _mean_std(per[k]) if k in per else "-"
+                                                  for k in shifts) + " |")
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,8 +5,9 @@
         [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
 
 Stage 0 is carried at the full latent resolution and reuses FLUX's patch embedding, timestep embedder and output
-head verbatim (paper appendix E, see DFMTransformer2DModel); later stages start at zero, so the converted model
-initially generates FLUX's image, block-averaged to stage 0's resolution. Any stage factors work
+head verbatim (paper appendix E, see DFMTransformer2DModel); later stages' heads start at zero (their input
+projections at FLUX's x_embedder, --new-stage-init), so the converted model's stage 0 is FLUX's image,
+block-averaged to stage 0's resolution. Any stage factors work
 (--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
 """
 
@@ -30,6 +31,8 @@ def main(argv=None):
     parser.add_argument("--stage-factors", type=int, nargs="+", default=[2])
     parser.add_argument("--steps-per-stage", type=int, nargs="+", default=None)
     parser.add_argument("--stage-thresholds", type=float, nargs="+", default=None, help="sigmas (1 - the paper's tau)")
+    parser.add_argument("--new-stage-init", choices=["x_embedder", "zero"], default="x_embedder",
+                        help="input projection of stages >= 1 (heads start at zero either way)")
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
@@ -43,6 +46,7 @@ def main(argv=None):
         stage_factors=factors,
         steps_per_stage=args.steps_per_stage,
         stage_thresholds=args.stage_thresholds,
+        new_stage_init=args.new_stage_init,
     )
     pipe.save_pretrained(args.output)
     print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")

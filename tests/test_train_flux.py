@@ -264,8 +264,8 @@ def test_paper_training_defaults():
 @pytest.mark.parametrize("num_stages,factors", [(2, 4), (3, [2, 2])])
 def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, factors, flux_pipeline_dir, caption_dir,
                                                                tmp_path):
-    """Build from FLUX, check the converted stage 0 is FLUX on the noised carrier inside the objective, take a
-    training step, sample with previews."""
+    """Build from FLUX, check the converted stage 0 is FLUX on the noised carrier (plus the active later stages)
+    inside the objective, take a training step, sample with previews."""
     from diffusers import FluxPipeline
 
     config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
@@ -281,7 +281,10 @@ def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, facto
     torch.testing.assert_close(task.decomposition.decompose(x)[0], carrier)
     flux = FluxPipeline.from_pretrained(flux_pipeline_dir)
     embeds, pooled, text_ids = flux.encode_prompt(batch["captions"], prompt_2=None, max_sequence_length=16)
-    x_t = out.inputs[0]
+    x_t = out.inputs[0].clone()  # FLUX reads the carrier plus the active later stages (new_stage_init x_embedder)
+    for s, stage in enumerate(out.inputs[1:], start=1):
+        active = (out.draw.num_active_stages > s).to(x_t.dtype).view(-1, 1, 1, 1)
+        x_t += active * F.interpolate(stage, size=x_t.shape[-2:], mode="nearest")
     with torch.no_grad():
         packed = flux.transformer(
             hidden_states=FluxPipeline._pack_latents(x_t, 2, 4, 16, 16), encoder_hidden_states=embeds,

@@ -60,33 +60,45 @@ def flux_reference(flux, x, inputs, sigma, upsample):
 
 
 @pytest.mark.parametrize(
-    "num_stages,factors,size,seed",
-    [(2, 2, (8, 8), 0), (2, 2, (16, 12), 1), (2, 4, (16, 16), 2), (3, [2, 2], (16, 8), 3), (3, [2, 4], (16, 16), 4)],
+    "num_stages,factors,size,seed,new_stage_init",
+    [(2, 2, (8, 8), 0, "x_embedder"), (2, 2, (16, 12), 1, "zero"), (2, 4, (16, 16), 2, "x_embedder"),
+     (3, [2, 2], (16, 8), 3, "x_embedder"), (3, [2, 4], (16, 16), 4, "zero")],
 )
-def test_from_flux_stage0_is_flux_on_the_full_resolution_carrier(num_stages, factors, size, seed):
-    """The paper's conversion: stage 0's tensor is the finest-resolution carrier and FLUX runs on it verbatim."""
+def test_from_flux_stage0_is_flux_on_the_full_resolution_carrier(num_stages, factors, size, seed, new_stage_init):
+    """The paper's conversion: stage 0's tensor is the finest-resolution carrier and FLUX runs on it verbatim. With
+    new_stage_init="x_embedder" an active later stage s is added to FLUX's input (nearest-upsampled to the finest
+    resolution when its patch is 1); with "zero" FLUX never sees it. Later stages' velocities are 0 either way."""
     flux = make_tiny_flux_transformer(seed)
-    model = DFMTransformer2DModel.from_flux(flux, num_stages=num_stages, stage_factors=factors)
+    model = DFMTransformer2DModel.from_flux(flux, num_stages=num_stages, stage_factors=factors,
+                                            new_stage_init=new_stage_init)
     assert model.stage_layers.patch_sizes[0] == 2 and model.stage_layers.patch_sizes[-1] == 2
     assert list(model.config.stage_upsampling) == default_stage_upsampling(num_stages, factors)
     for num_active in ([num_stages, 1], [1, 1], [num_stages, 2]):
         inputs = make_inputs(height=size[0], width=size[1], num_stages=num_stages, stage_factors=factors,
                              num_active=num_active, seed=seed + 10)
-        assert inputs["hidden_states"][0].shape[-2:] == size
+        carrier = inputs["hidden_states"][0]
+        assert carrier.shape[-2:] == size
+        flux_input = carrier.clone()
+        if new_stage_init == "x_embedder":
+            for s, x in enumerate(inputs["hidden_states"][1:], start=1):
+                active = (inputs["num_active_stages"] > s).float().view(-1, 1, 1, 1)
+                flux_input += active * F.interpolate(x, size=size, mode="nearest")
         with torch.no_grad():
             out = model(**inputs).sample
-            ref = flux_reference(flux, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=1)
+            ref = flux_reference(flux, flux_input, inputs, inputs["timestep"][:, 0], upsample=1)
         assert [v.shape for v in out] == [x.shape for x in inputs["hidden_states"]]
         assert (out[0] - ref).abs().max().item() <= 1e-5
         assert ref.abs().max() > 0.1  # the comparison is not between two near-zero tensors
         assert all(torch.equal(v, torch.zeros_like(v)) for v in out[1:])
+        if num_active == [1, 1]:  # later stages inactive: stage 0 is FLUX on the carrier alone, whatever the init
+            assert torch.equal(flux_input, carrier)
 
 
 @pytest.mark.parametrize("size", [(8, 8), (16, 12)])
 def test_first_implementation_layout_is_pooled_flux_of_upsampled_noisy_latent(size):
     """stage_upsampling=[1, 1]: stage 0 at its own resolution, FLUX on its nearest upsampling (kept for comparison)."""
     flux = make_tiny_flux_transformer(5)
-    model = DFMTransformer2DModel.from_flux(flux, stage_upsampling=[1, 1])
+    model = DFMTransformer2DModel.from_flux(flux, stage_upsampling=[1, 1], new_stage_init="zero")
     assert model.stage_layers.patch_sizes == [1, 2]
     inputs = make_inputs(height=size[0], width=size[1], num_active=[2, 1], seed=15, stage_upsampling=[1, 1])
     with torch.no_grad():
@@ -121,10 +133,19 @@ def test_from_flux_initialisation_copies_and_sharing(tiny_flux_transformer):
             assert torch.equal(value, flux_state[key]), key
             assert value.data_ptr() != flux_state[key].data_ptr(), f"{key} shares memory without share_weights"
     layers = model.stage_layers
-    zero = [layers.patch_embedders[1], layers.heads[1], layers.stage_embedding]
+    zero = [layers.heads[1], layers.stage_embedding]
     zero.append(layers.timestep_embedders[0].timestep_embedder.linear_2)
     for module in zero:
         assert all(torch.equal(p, torch.zeros_like(p)) for p in module.parameters())
+    # the new stage's input projection: FLUX's x_embedder weight (default), times its stage scale, or zero
+    assert torch.equal(layers.patch_embedders[1].weight, flux.x_embedder.weight)
+    assert torch.equal(layers.patch_embedders[1].bias, torch.zeros_like(layers.patch_embedders[1].bias))
+    scaled = DFMTransformer2DModel.from_flux(flux, stage_scales=[1.0, 0.25]).stage_layers.patch_embedders[1]
+    torch.testing.assert_close(scaled.weight, 0.25 * flux.x_embedder.weight)
+    zeroed = DFMTransformer2DModel.from_flux(flux, new_stage_init="zero").stage_layers.patch_embedders[1]
+    assert not zeroed.weight.any() and not zeroed.bias.any()
+    with pytest.raises(ValueError, match="new_stage_init"):
+        DFMTransformer2DModel.from_flux(flux, new_stage_init="random")
     assert layers.timestep_embedders[0].timestep_embedder.linear_1.weight.abs().sum() > 0
     assert torch.equal(layers.heads[0].norm_out.linear.weight, flux.norm_out.linear.weight)
     assert torch.equal(layers.patch_embedders[0].weight, flux.x_embedder.weight)  # FLUX's own, verbatim
@@ -144,8 +165,9 @@ def test_from_flux_initialisation_copies_and_sharing(tiny_flux_transformer):
         DFMTransformer2DModel.from_flux(flux, share_weights=True, torch_dtype=torch.bfloat16)
 
 
-def test_gradients_reach_zero_initialised_stage1_modules():
-    model = DFMTransformer2DModel.from_flux(make_tiny_flux_transformer(5)).train()
+@pytest.mark.parametrize("new_stage_init", ["x_embedder", "zero"])
+def test_gradients_reach_zero_initialised_stage1_modules(new_stage_init):
+    model = DFMTransformer2DModel.from_flux(make_tiny_flux_transformer(5), new_stage_init=new_stage_init).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     inputs = make_inputs(num_active=[2, 1], seed=6)
     target = [torch.randn_like(x) for x in inputs["hidden_states"]]
@@ -224,7 +246,9 @@ def test_bfloat16(tmp_path, tiny_flux_transformer):
     inputs = make_inputs(num_active=[2, 2], seed=9, dtype=torch.bfloat16)
     with torch.no_grad():
         # bf16 FLUX itself is ~5-10% off its float32 self on this tiny random model; compare bf16 with bf16
-        ref = flux_reference(flux_bf16, inputs["hidden_states"][0], inputs, inputs["timestep"][:, 0], upsample=1)
+        # both stages active: FLUX sees the carrier plus stage 1 (new_stage_init="x_embedder")
+        flux_input = inputs["hidden_states"][0] + inputs["hidden_states"][1]
+        ref = flux_reference(flux_bf16, flux_input, inputs, inputs["timestep"][:, 0], upsample=1)
         for bf16_model in (loaded, converted):
             assert {p.dtype for p in bf16_model.parameters()} == {torch.bfloat16}
             out = bf16_model(**inputs).sample
@@ -457,7 +481,8 @@ def pretrained_tiny_flux():
 def test_converted_stage0_replicates_pretrained_flux_in_distribution(pretrained_tiny_flux):
     """Right after conversion the stage-0 prediction is the pretrained FLUX's prediction on the in-distribution
     input for the same low-resolution content (its nearest-upsampled clean part + i.i.d. noise at full resolution),
-    to float32 rounding (tolerance 1e-5), whatever stage 1 holds. The first implementation's layout (stage 0 noised
+    to float32 rounding (tolerance 1e-5), while stage 1 is inactive (the coarse phase); with stage 1 active, FLUX
+    reads the carrier plus stage 1 (new_stage_init="x_embedder"). The first implementation's layout (stage 0 noised
     at its own resolution, nearest-upsampled into FLUX) predicts the clean stage 0 much worse: measured 2.2-2.7x
     the squared error at sigma 0.3-0.9 after 100 pretraining steps on 256 held-out samples (asserted: > 1.5x at sigma 0.5 and 0.7)."""
     flux, latents = pretrained_tiny_flux
@@ -481,11 +506,12 @@ def test_converted_stage0_replicates_pretrained_flux_in_distribution(pretrained_
             y = (1 - sigma_value) * carriers[0] + sigma_value * torch.randn(carriers[0].shape, generator=g)
             reference = run_flux(flux, y, sigma)
             stage1 = 0.5 * bands[1] + 0.5 * torch.randn(bands[1].shape, generator=g)
-            for active, sigma_1 in ((1, 1.0), (2, 0.5)):
+            for active, sigma_1 in ((2, 0.5), (1, 1.0)):  # with stage 1 active FLUX reads carrier + stage 1
+                expected = run_flux(flux, y + stage1, sigma) if active == 2 else reference
                 out = new(hidden_states=[y, stage1], timestep=torch.stack([sigma, torch.full((b,), sigma_1)], 1),
                           num_active_stages=torch.full((b,), active), **cond).sample
-                assert (out[0] - reference).abs().max().item() <= 1e-5
-            new_error = stage0_error(F.avg_pool2d(y - sigma_value * out[0], 2))
+                assert (out[0] - expected).abs().max().item() <= 1e-5
+            new_error = stage0_error(F.avg_pool2d(y - sigma_value * out[0], 2))  # stage 1 inactive
 
             z = (1 - sigma_value) * coarse + sigma_value * torch.randn(coarse.shape, generator=g)
             v_old = old(hidden_states=[z, stage1], timestep=torch.stack([sigma, torch.ones(b)], 1),

@@ -315,6 +315,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
         stage_upsampling: Sequence[int] | None = None,
+        new_stage_init: str = "x_embedder",
         **load_kwargs,
     ) -> "DFMTransformer2DModel":
         """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
@@ -329,16 +330,28 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             share_weights: if True, the blocks and embedders use FLUX's very parameter objects (no extra memory;
                 training one trains the other). Default: copies. A FLUX loaded from a path is always shared.
 
+            new_stage_init: how the input projection of every stage >= 1 starts (its head always starts at zero, so
+                its velocity is 0 and stage 0 is replicated while it is inactive):
+                ``"x_embedder"`` (default): FLUX's x_embedder weight (no bias; summed over the sub-pixels a patch
+                smaller than 2 covers), times ``stage_scales[s]`` when given, so FLUX reads the detail band in the
+                pixel basis it knows and gradients reach both the input projection and the head from step 1;
+                ``"zero"``: zero as well (the first implementation). A zero input projection AND a zero head is a
+                saddle: each one's gradient is proportional to the other, so the new stage barely moves for the
+                first few hundred steps (RESULTS.md, FLUX finetuning analog).
+
         Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0 with the default layout: its
         patch embedding and head are FLUX's x_embedder / norm_out / proj_out verbatim, so its velocity equals
         unpack(FLUX(pack(carrier))) on the (finest-resolution) carrier. With a stage-0 patch size p0 = 2 / r < 2
         (``stage_upsampling[0] = 1``): FLUX's x_embedder summed over the r x r sub-pixels that nearest upsampling
         fills with the same value and proj_out averaged over them, i.e. avgpool_r(unpack(FLUX(pack(nearest_up_r(x_0)))))
-        (the noise is then constant over r x r blocks, which FLUX never saw). Stages >= 1: patch embedding, timestep
-        embedder output layer (its first layer keeps PyTorch's default init, otherwise it could never learn), head
-        and the stage-index embedding are zero, so their velocities are 0 and they do not disturb stage 0.
+        (the noise is then constant over r x r blocks, which FLUX never saw). Stages >= 1: head, timestep embedder
+        output layer (its first layer keeps PyTorch's default init, otherwise it could never learn) and the
+        stage-index embedding are zero, so their velocities are 0 and, while they are inactive, stage 0 is exactly
+        FLUX; their patch embedding follows ``new_stage_init``.
         The result is in eval mode, like from_pretrained's.
         """
+        if new_stage_init not in ("x_embedder", "zero"):
+            raise ValueError(f"new_stage_init must be 'x_embedder' or 'zero', got {new_stage_init!r}")
         if isinstance(flux, (str, os.PathLike)):
             flux = FluxTransformer2DModel.from_pretrained(
                 flux, subfolder=subfolder, torch_dtype=torch_dtype, **load_kwargs
@@ -397,8 +410,17 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         c_in, c_out = model.latent_channels, model.out_latent_channels
         with torch.no_grad():
             x_w, x_b = source["x_embedder.weight"].float(), source["x_embedder.bias"].float()
+
+            def flux_patch_embedding(p: int) -> torch.Tensor:
+                """x_embedder's weight for a patch of p <= 2 pixels: summed over the (2/p)^2 sub-pixels that nearest
+                upsampling by 2/p fills with the same value (p = 2: x_embedder verbatim)."""
+                if FLUX_PACKING % p:
+                    raise ValueError(f"new_stage_init='x_embedder' needs patch sizes dividing 2, got {p}; use 'zero'")
+                q = FLUX_PACKING // p
+                return x_w.view(dim, c_in, p, q, p, q).sum((3, 5)).reshape(dim, c_in * p * p)
+
             embed0 = layers.patch_embedders[0]
-            embed0.weight.copy_(x_w.view(dim, c_in, p0, r, p0, r).sum((3, 5)).reshape(dim, c_in * p0 * p0))
+            embed0.weight.copy_(flux_patch_embedding(p0))
             embed0.bias.copy_(x_b)
             head0 = layers.heads[0]
             head0.norm_out.linear.weight.copy_(source["norm_out.linear.weight"].float())
@@ -407,8 +429,15 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             head0.proj_out.weight.copy_(o_w.view(c_out, p0, r, p0, r, dim).mean((2, 4)).reshape(-1, dim))
             head0.proj_out.bias.copy_(o_b.view(c_out, p0, r, p0, r).mean((2, 4)).reshape(-1))
             zeroed = [layers.stage_embedding]
-            zeroed += [layers.patch_embedders[s] for s in range(1, layers.num_stages)]
             zeroed += [layers.heads[s] for s in range(1, layers.num_stages)]
+            for s in range(1, layers.num_stages):
+                embed = layers.patch_embedders[s]
+                embed.bias.zero_()  # stage 0 carries FLUX's bias once
+                if new_stage_init == "zero":
+                    embed.weight.zero_()
+                else:
+                    scale = 1.0 if stage_scales is None else float(stage_scales[s])
+                    embed.weight.copy_(flux_patch_embedding(layers.patch_sizes[s]) * scale)
             zeroed += [embedder.timestep_embedder.linear_2 for embedder in layers.timestep_embedders]
             for module in zeroed:
                 for param in module.parameters():

@@ -71,12 +71,14 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
         steps_per_stage=None,
         stage_thresholds=None,
         stage_upsampling=None,
+        new_stage_init: str = "x_embedder",
     ) -> "DFMPipeline":
         """Convert a loaded FluxPipeline: DFMTransformer2DModel.from_flux + DFMScheduler.from_flow_match;
         the text encoders, tokenizers and VAE are shared with ``flux_pipe``. ``stage_upsampling`` is from_flux's
-        (default: the paper's conversion, stage 0 carried at the finest resolution)."""
+        (default: the paper's conversion, stage 0 carried at the finest resolution), ``new_stage_init`` too."""
         transformer = DFMTransformer2DModel.from_flux(
-            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors, stage_upsampling=stage_upsampling
+            flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors, stage_upsampling=stage_upsampling,
+            new_stage_init=new_stage_init,
         )
         scheduler = DFMScheduler.from_flow_match(
             flux_pipe.scheduler, num_stages=num_stages, steps_per_stage=steps_per_stage, stage_thresholds=stage_thresholds

@@ -79,6 +79,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
         "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
     )
+    new_stage_init: Literal["x_embedder", "zero"] = setting(
+        "x_embedder", "conversion only: input projection of stages >= 1 (their heads start at zero either way): "
+        "FLUX's x_embedder, or zero (a saddle that stalls the new stage for hundreds of steps)"
+    )
     vae: str | None = setting(
         None, "AutoencoderKL (local folder or Hub id, its config.json at the top) replacing the pipeline's VAE for "
         "training, validation and the export (e.g. a scale-equivariant VAE); same latent channels as FLUX's"
@@ -397,6 +401,7 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
             stage_thresholds=config.stage_thresholds, stage_upsampling=config.stage_upsampling,
+            new_stage_init=config.new_stage_init,
         )
         del flux
     else:

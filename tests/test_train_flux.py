@@ -301,6 +301,21 @@ def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, facto
     assert [p.shape[-1] for p in previews] == {2: [8, 32], 3: [8, 16, 32]}[num_stages]
 
 
+def test_conversion_scales_the_new_stage_input_projection_by_its_stage_scale(flux_pipeline_dir, caption_dir, tmp_path):
+    """new_stage_init x_embedder: stage 1's input is band / scale_1, so its copy of FLUX's x_embedder is scaled by
+    scale_1 (scales set after the conversion, as the trainer does) and FLUX reads the band in its own units."""
+    from diffusers import FluxPipeline
+
+    flux_w = FluxPipeline.from_pretrained(flux_pipeline_dir).transformer.x_embedder.weight.detach()
+    for stage_scales, factor in ((None, 1.0), ([1.0, 0.25], 0.25)):
+        config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                    max_sequence_length=16, lora=False, stage_scales=stage_scales,
+                                    output_dir=str(tmp_path / "o"))
+        task, _ = build_flux_task(config)
+        embed = task.transformer.stage_layers.patch_embedders[1].weight.detach().float()
+        torch.testing.assert_close(embed, factor * flux_w.float())
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [

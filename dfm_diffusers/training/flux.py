@@ -15,8 +15,8 @@ embedding and output projection, FLUX's x_embedder / proj_out) for the first N s
 
 Two modes:
 - ``lora: true`` (default): peft LoRA on the FLUX blocks (``lora_target_modules``, default the attention
-  projections), the per-stage DFM layers trained fully (``train_stage_layers``; stage 1 starts at zero, so
-  it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32. ``quantize_base:
+  projections), the per-stage DFM layers trained fully (``train_stage_layers``; stage 1's head starts at
+  zero, so it has to be), every other weight frozen in ``weight_dtype``; trainable parameters in float32. ``quantize_base:
   int8 | nf4`` (QLoRA) keeps the frozen linear layers of the FLUX blocks in 8 / 4 bits (bitsandbytes) under the LoRA.
 - ``lora: false``: the whole transformer is trained (float32 master weights; text encoders and VAE frozen).
 
@@ -857,6 +857,12 @@ def build_flux_task(config: FluxTrainingConfig):
         resolve_stage_scales(config, pipe.transformer, dataset, vae=pipe.vae, device=device)
     elif config.stage_scales is not None:
         pipe.transformer.register_to_config(stage_scales=[float(v) for v in config.stage_scales])
+    if info["kind"] == "flux" and config.new_stage_init == "x_embedder" and pipe.transformer.config.stage_scales:
+        # what from_flux(stage_scales=...) does, for scales known only after the conversion: stage s's input is its
+        # band / scale_s, so its copy of x_embedder is multiplied by scale_s to read the band in FLUX's units
+        with torch.no_grad():
+            for s, scale in enumerate(pipe.transformer.config.stage_scales[1:], start=1):
+                pipe.transformer.stage_layers.patch_embedders[s].weight.mul_(float(scale))
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])

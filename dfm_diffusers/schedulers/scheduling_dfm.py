@@ -26,6 +26,9 @@ In numbers: the carrier's block means see noise sigma / f against signal 1 - sig
 sigma_band = sigma / (f - (f - 1) sigma), the inverse of a static shift by f (0.026 at the paper's 0.05, f = 2);
 a natively noised stage 0 would need that shift on top of the table's to reach FLUX's inputs (issue option b's
 remap 2 sigma / (1 + sigma)).
+Measured (RESULTS.md, FLUX finetuning analog, step 1000, static shift 0.5 / 1 / 2 on the whole table): plain FLUX
+finetuning is flat (FD 0.93 / 0.98 / 0.97), the DFM model improves with more shift (3.96 / 3.22 / 2.91): a smaller
+shift for the coarse stage is not supported by the data.
 """
 
 from __future__ import annotations

@@ -522,3 +522,41 @@ def test_converted_stage0_replicates_pretrained_flux_in_distribution(pretrained_
             if sigma_value == 0.5:  # the pretrained model is a real denoiser, not a random function
                 untrained_error = stage0_error(F.avg_pool2d(y - sigma_value * run_flux(untrained, y, sigma), 2))
                 assert new_error < 0.6 * untrained_error, (new_error, untrained_error)
+
+
+def test_x_embedder_init_escapes_the_zero_init_saddle_faster():
+    """new_stage_init="zero" puts the new stage's input projection AND head at zero: the new stage's loss reaches
+    the projection only through the head, which sees nothing of the stage's input, so learning starts slowly (the
+    GPU analog's 250-step plateau, RESULTS.md). Starting the projection from FLUX's x_embedder learns the detail
+    stage faster from the first steps. Same model, data and draws for both; 60 AdamW steps on the stage-1 loss.
+    Measured on 4 model/draw seeds (0-3): mean loss over steps 20-59 is 0.915-0.922x the zero init's; asserted
+    < 0.97x."""
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.randn(256, LATENT_CHANNELS, 4, 4, generator=g), size=(8, 8), mode="bilinear")
+    data = smooth + 0.5 * torch.sign(torch.randn(256, LATENT_CHANNELS, 8, 8, generator=g))
+    b = 32
+    cond = dict(encoder_hidden_states=torch.zeros(b, 1, TEXT_DIM), pooled_projections=torch.zeros(b, POOLED_DIM),
+                guidance=torch.ones(b), num_active_stages=torch.full((b,), 2))
+    late_loss = {}
+    for init in ("zero", "x_embedder"):
+        torch.manual_seed(0)
+        model = DFMTransformer2DModel.from_flux(make_tiny_flux_transformer(0), new_stage_init=init).train()
+        decomposition = LaplacianDecomposition.from_config(model.config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        draws = torch.Generator().manual_seed(1)
+        losses = []
+        for _ in range(60):
+            bands = decomposition.decompose(data[torch.randint(0, len(data), (b,), generator=draws)])
+            sigma = torch.stack([torch.sigmoid(torch.randn(b, generator=draws) - 1.5),
+                                 torch.sigmoid(torch.randn(b, generator=draws))], 1)
+            noise = [torch.randn(x.shape, generator=draws) for x in bands]
+            noisy = [(1 - sigma[:, s, None, None, None]) * x + sigma[:, s, None, None, None] * e
+                     for s, (x, e) in enumerate(zip(bands, noise))]
+            v1 = model(hidden_states=noisy, timestep=sigma, **cond).sample[1]
+            loss = F.mse_loss(v1, noise[1] - bands[1])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        late_loss[init] = sum(losses[20:]) / len(losses[20:])
+    assert late_loss["x_embedder"] < 0.97 * late_loss["zero"], late_loss

@@ -1,7 +1,7 @@
 """Text-to-image DFM finetuning of FLUX (paper appendix E), used by train_dfm_flux.py.
 
 Starts from a FluxPipeline (converted with :meth:`DFMPipeline.from_flux_pipeline`: stage 0 is carried at the full
-latent resolution and reuses FLUX's layers verbatim, later stages start at zero; the decomposition hands the
+latent resolution and reuses FLUX's layers verbatim, later stages' heads start at zero; the decomposition hands the
 trainer stage 0 nearest-upsampled, so its noise is drawn i.i.d. at full resolution as in FLUX's own training) or from an existing DFMPipeline folder, and trains the DFMTransformer2DModel on
 captioned images with the shared DFM objective (:func:`.objective.dfm_objective`) inside the shared loop
 (:func:`.loop.run_training`). Per batch: captions -> the pipeline's ``encode_prompt`` (frozen text encoders,

@@ -308,6 +308,15 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             "a FluxPipeline folder with `python -m dfm_diffusers.convert --flux FOLDER --output DFM_FOLDER`.",
         )
 
+    @torch.no_grad()
+    def scale_new_stage_inputs(self, stage_scales: Sequence[float]) -> None:
+        """Multiply stage s >= 1's input projection by ``stage_scales[s]``: stage s's input is its band divided by
+        its scale, so a copy of FLUX's x_embedder (``from_flux(new_stage_init="x_embedder")``) then reads the band in
+        FLUX's units. ``from_flux(stage_scales=...)`` calls it; call it yourself only on a freshly converted model
+        whose stage scales were set after the conversion (the FLUX trainer's ``stage_scales: auto``)."""
+        for s, scale in enumerate(list(stage_scales)[1:], start=1):
+            self.stage_layers.patch_embedders[s].weight.mul_(float(scale))
+
     @classmethod
     def from_flux(
         cls,
@@ -340,9 +349,10 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 ``"x_embedder"`` (default): FLUX's x_embedder weight (no bias; summed over the sub-pixels a patch
                 smaller than 2 covers), times ``stage_scales[s]`` when given, so FLUX reads the detail band in the
                 pixel basis it knows and gradients reach both the input projection and the head from step 1;
-                ``"zero"``: zero as well (the first implementation). A zero input projection AND a zero head is a
-                saddle: each one's gradient is proportional to the other, so the new stage barely moves for the
-                first few hundred steps (RESULTS.md, FLUX finetuning analog).
+                ``"zero"``: zero as well (the first implementation). A zero input projection under a zero head is a
+                saddle: the new stage's loss reaches its input projection only through its head, and the head sees
+                nothing of the new stage's input, so the new stage barely moves for the first few hundred steps
+                (RESULTS.md, FLUX finetuning analog).
 
         Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0 with the default layout: its
         patch embedding and head are FLUX's x_embedder / norm_out / proj_out verbatim, so its velocity equals
@@ -441,12 +451,13 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 if new_stage_init == "zero":
                     embed.weight.zero_()
                 else:
-                    scale = 1.0 if stage_scales is None else float(stage_scales[s])
-                    embed.weight.copy_(flux_patch_embedding(layers.patch_sizes[s]) * scale)
+                    embed.weight.copy_(flux_patch_embedding(layers.patch_sizes[s]))
             zeroed += [embedder.timestep_embedder.linear_2 for embedder in layers.timestep_embedders]
             for module in zeroed:
                 for param in module.parameters():
                     param.zero_()
+        if stage_scales is not None:
+            model.scale_new_stage_inputs(stage_scales)
         layers.to(dtype)
 
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:

@@ -858,11 +858,7 @@ def build_flux_task(config: FluxTrainingConfig):
     elif config.stage_scales is not None:
         pipe.transformer.register_to_config(stage_scales=[float(v) for v in config.stage_scales])
     if info["kind"] == "flux" and config.new_stage_init == "x_embedder" and pipe.transformer.config.stage_scales:
-        # what from_flux(stage_scales=...) does, for scales known only after the conversion: stage s's input is its
-        # band / scale_s, so its copy of x_embedder is multiplied by scale_s to read the band in FLUX's units
-        with torch.no_grad():
-            for s, scale in enumerate(pipe.transformer.config.stage_scales[1:], start=1):
-                pipe.transformer.stage_layers.patch_embedders[s].weight.mul_(float(scale))
+        pipe.transformer.scale_new_stage_inputs(pipe.transformer.config.stage_scales)  # scales known only now
     set_seed(config.seed)  # LoRA's Gaussian init draws from the global RNG
     counts = prepare_trainable(config, pipe.transformer)
     logger.info("trainable parameters: %d of %d", counts["trainable"], counts["total"])

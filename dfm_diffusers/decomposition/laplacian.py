@@ -7,7 +7,11 @@ Downsampling by a factor f is f x f average pooling (a box filter) by default, f
 f = 2 it is exactly the official code's operator (bilinear without antialias == 2x2 average pooling), and unlike
 plain bilinear it does not alias at larger factors. At f = 4 bilinear without antialias reads only the central 2x2
 of every 4x4 block: a cosine at 3/16 cycles per pixel keeps 69% of its energy in stage 0 that way, 10% with the
-box filter (1% with antialiased bilinear, the optional wider triangle filter). Upsampling is bilinear.
+box filter (1% with antialiased bilinear, the optional wider triangle filter). Upsampling is bilinear by default;
+``upsampling="nearest"`` gives the Haar pyramid (box down, nearest up), in which every band is an orthogonal
+projection of the input (band s = x_s - up(down(x_s)) has zero f x f block means) and recompose projects every
+detail band onto that subspace, so the recomposition of noisy bands with i.i.d. unit noise has i.i.d. unit noise:
+the converted FLUX's band-split initialisation relies on it (see DFMTransformer2DModel.from_flux).
 
 Optionally a stage is *carried* at a higher resolution (``stage_upsampling``): decompose nearest-upsamples the
 band by u_s and every consumer of the bands (noise, model, sampler) works on that carrier; recompose and preview
@@ -31,6 +35,17 @@ def box_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(x, factor) if factor > 1 else x
 
 
+UPSAMPLINGS = ("bilinear", "nearest")
+
+
+def block_projection(x: torch.Tensor, block: int) -> torch.Tensor:
+    """[B, C, H, W] -> the orthogonal projection onto fields constant over ``block`` x ``block`` blocks (the block
+    mean, nearest-upsampled back); ``x - block_projection(x, f)`` is the Haar detail part."""
+    if block == 1:
+        return x
+    return F.interpolate(F.avg_pool2d(x, block), scale_factor=block, mode="nearest")
+
+
 class LaplacianDecomposition:
     """Laplacian pyramid over [B, C, H, W] tensors (box-filter down, bilinear up).
 
@@ -43,6 +58,7 @@ class LaplacianDecomposition:
             decompose and multiplied back on recompose / preview.
         stage_upsampling: optional per-stage ints u_s >= 1 (default all 1): band s is handed out nearest-upsampled
             by u_s (its carrier, [B, C, H_s * u_s, W_s * u_s]); recompose / preview / check_bands take carriers.
+        upsampling: ``"bilinear"`` (default, the official code's operator) or ``"nearest"`` (the Haar pyramid).
 
     All arithmetic runs in float32 and results come back in the input dtype.
     """
@@ -54,7 +70,11 @@ class LaplacianDecomposition:
         antialias: bool = False,
         stage_scales: Sequence[float] | None = None,
         stage_upsampling: Sequence[int] | None = None,
+        upsampling: str = "bilinear",
     ):
+        if upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling must be one of {UPSAMPLINGS}, got {upsampling!r}")
+        self.upsampling_mode = upsampling
         self.num_stages = int(num_stages)
         self.factors = normalize_stage_factors(num_stages, factors)
         self.antialias = bool(antialias)
@@ -85,12 +105,14 @@ class LaplacianDecomposition:
             antialias=config.get("decomposition_antialias", False),
             stage_scales=config.get("stage_scales", None),
             stage_upsampling=config.get("stage_upsampling", None),
+            upsampling=config.get("decomposition_upsampling", None) or "bilinear",
         )
 
     def __repr__(self) -> str:
         return (
             f"LaplacianDecomposition(num_stages={self.num_stages}, factors={self.factors}, "
-            f"antialias={self.antialias}, stage_scales={self.stage_scales}, stage_upsampling={self.stage_upsampling})"
+            f"antialias={self.antialias}, stage_scales={self.stage_scales}, stage_upsampling={self.stage_upsampling}, "
+            f"upsampling={self.upsampling_mode!r})"
         )
 
     @property
@@ -132,8 +154,9 @@ class LaplacianDecomposition:
         size = (x.shape[-2] // factor, x.shape[-1] // factor)
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
-    @staticmethod
-    def _up(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _up(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.upsampling_mode == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
     def decompose(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -177,7 +200,10 @@ class LaplacianDecomposition:
         bands = [F.avg_pool2d(b.float(), u) if u > 1 else b for b, u in zip(bands, self.upsampling)]
         y = bands[0].float() * scales[0]
         for s in range(1, len(bands)):
-            y = self._up(y, bands[s].shape[-2:]) + bands[s].float() * scales[s]
+            band = bands[s].float()
+            if self.upsampling_mode == "nearest":  # the Haar band subspace: zero block means
+                band = band - block_projection(band, self.factors[s - 1])
+            y = self._up(y, band.shape[-2:]) + band * scales[s]
         return y.to(dtype)
 
     def check_bands(self, bands: Sequence[torch.Tensor], count: int) -> None:

@@ -64,9 +64,10 @@ from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401  (pipelin
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, apply_lora_scale
 
+from ..decomposition.laplacian import block_projection
 from ..utils import normalize_stage_factors
 from .loading import strict_from_pretrained
-from .stage_layers import DFMStageLayers, stage_activity, stage_patch_sizes
+from .stage_layers import DFMStageLayers, StageOutputHead, stage_activity, stage_patch_sizes
 
 # FLUX packs 2x2 latent pixels into one token: the finest stage's patch size.
 FLUX_PACKING = 2
@@ -100,6 +101,11 @@ FLUX_CONFIG_KEYS = (
     "guidance_embeds",
     "axes_dims_rope",
 )
+
+# What FLUX's time input is while stages are active: stage 0's sigma (the first conversion), the newest active
+# stage's, or the root-mean-square noise level of FLUX's (band-split) input over its pixels.
+FLUX_TIMESTEPS = ("stage_0", "newest", "noise_rms")
+NEW_STAGE_INITS = ("band_split", "x_embedder", "zero")
 
 # FLUX modules replaced by the per-stage layers (stage 0's versions live in stage_layers).
 REPLACED_FLUX_MODULES = ("x_embedder", "norm_out", "proj_out")
@@ -151,6 +157,9 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
         stage_upsampling: Sequence[int] | None = None,
+        decomposition_upsampling: str | None = None,
+        band_split: bool = False,
+        flux_timestep: str = "stage_0",
     ):
         if patch_size != 1:
             raise ValueError(
@@ -169,6 +178,17 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         upsampling = [int(u) for u in stage_upsampling]
         stage_patch_sizes(num_stages, factors, FLUX_PACKING, upsampling)  # ValueError before any allocation
         self.register_to_config(stage_upsampling=upsampling)
+        if flux_timestep not in FLUX_TIMESTEPS:
+            raise ValueError(f"flux_timestep must be one of {FLUX_TIMESTEPS}, got {flux_timestep!r}")
+        if band_split:
+            if decomposition_upsampling != "nearest":
+                raise ValueError("band_split needs the Haar pyramid: decomposition_upsampling='nearest'")
+            if upsampling[0] != math.prod(factors):
+                raise ValueError(f"band_split needs stage 0 carried at the finest resolution, got {upsampling}")
+            if stage_scales is not None and any(float(x) != 1.0 for x in stage_scales):
+                raise ValueError(
+                    "band_split keeps FLUX's units (FLUX reads the recomposed latent): stage_scales must be unset"
+                )
 
         super().__init__(
             patch_size=patch_size,
@@ -185,6 +205,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         )
         for name in REPLACED_FLUX_MODULES:
             delattr(self, name)
+        self._resolution_ratios = [math.prod(factors[s:]) for s in range(num_stages)]  # finest / stage s
 
         self.latent_channels = in_channels // 4
         self.out_latent_channels = out_channels_packed // 4
@@ -255,11 +276,13 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
 
         # Per-stage patch embeddings (stage s with its own patch size), summed; inactive stages contribute nothing.
         active = stage_activity(num_active_stages, layers.num_stages)
-        hidden_states = layers.embed_stages(hidden_states, active)
+        newest = num_active_stages.long() - 1
+        stage_inputs = self._band_split_inputs(hidden_states, newest) if self.config.band_split else hidden_states
+        hidden_states = layers.embed_stages(stage_inputs, active)
 
-        # Stage 0's sigma through FLUX's own embedder (with guidance and pooled text), the other stages' sigmas
-        # through the per-stage embedders, plus the stage-index embedding.
-        sigma_0 = timestep[:, 0].to(hidden_states.dtype) * 1000
+        # FLUX's time input (see flux_timestep) through FLUX's own embedder (with guidance and pooled text), the
+        # sigmas of stages >= 1 through the per-stage embedders, plus the stage-index embedding.
+        sigma_0 = self.flux_sigma(timestep, newest).to(hidden_states.dtype) * 1000
         if guidance is not None:
             guidance = guidance.to(hidden_states.dtype) * 1000
         temb = (
@@ -293,9 +316,57 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
 
         # One head per stage, each unpatchified with its own patch size; inactive stages come back as zeros.
         output = layers.unembed_stages(hidden_states, temb, grid, active)
+        if self.config.band_split:  # a detail stage's velocity lives in its band: zero block means
+            output = [out if s == 0 else out - block_projection(out, self._band_block(s)) for s, out in enumerate(output)]
         if not return_dict:
             return (output,)
         return DFMTransformer2DModelOutput(sample=output)
+
+    def _band_block(self, s: int) -> int:
+        """Block size (on stage s's tensor) whose block means the Haar band s >= 1 does not hold."""
+        factors = normalize_stage_factors(self.config.num_stages, self.config.stage_factors)
+        return factors[s - 1] * self.config.stage_upsampling[s]
+
+    def _band_split_inputs(self, stage_latents: Sequence[torch.Tensor], newest: torch.Tensor) -> list[torch.Tensor]:
+        """The band-split coupling: every active stage s >= 1 replaces the carrier's content in its band.
+
+        Per sample, with k = newest active stage: stage 0's carrier keeps its coarsest part (F x F block means,
+        F the total factor) and whatever is finer than stage k (the part no active band covers), and band s's tensor
+        is projected onto its band (zero block means). FLUX's input is then the Haar recomposition of the noisy
+        stages; with one shared sigma it is FLUX's own input for the recomposed latent.
+        """
+        ratios = self._resolution_ratios
+        carrier = stage_latents[0]
+        coarsest = block_projection(carrier.float(), ratios[0])
+        carrier_in = carrier.float()
+        for k in range(1, len(stage_latents)):
+            replaced = carrier.float() - block_projection(carrier.float(), ratios[k]) + coarsest
+            carrier_in = torch.where((newest == k).view(-1, 1, 1, 1), replaced, carrier_in)
+        inputs = [carrier_in.to(carrier.dtype)]
+        for s in range(1, len(stage_latents)):
+            x = stage_latents[s]
+            inputs.append((x.float() - block_projection(x.float(), self._band_block(s))).to(x.dtype))
+        return inputs
+
+    def flux_sigma(self, timestep: torch.Tensor, newest: torch.Tensor) -> torch.Tensor:
+        """[B] sigma given to FLUX's time embedder (config ``flux_timestep``); stage 0's sigma while it is alone."""
+        mode = self.config.flux_timestep
+        if mode == "stage_0":
+            return timestep[:, 0]
+        if mode == "newest":
+            return timestep.gather(1, newest.view(-1, 1)).squeeze(1)
+        # noise_rms: sqrt of the pixel-averaged noise variance of FLUX's band-split input. With newest stage k, the
+        # carrier's sigma covers the coarsest 1/F^2 of the pixels and everything finer than stage k, band s the
+        # fraction 1/r_s^2 - 1/r_{s-1}^2 (r_s = finest / stage s resolution).
+        ratios = self._resolution_ratios
+        k = newest.view(-1, 1)
+        index = torch.arange(len(ratios), device=timestep.device).view(1, -1)
+        r = torch.tensor(ratios, dtype=torch.float32, device=timestep.device)
+        band_fraction = 1 / r[1:] ** 2 - 1 / r[:-1] ** 2  # stages 1..S-1
+        finer = 1 - 1 / r[newest] ** 2  # [B]: pixels finer than the newest stage, still the carrier's
+        var = timestep[:, 0].float() ** 2 * (1 / r[0] ** 2 + finer)
+        bands = (timestep[:, 1:].float() ** 2 * band_fraction * (index[:, 1:] <= k)).sum(1)
+        return (var + bands).sqrt().to(timestep.dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -329,7 +400,8 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
         stage_upsampling: Sequence[int] | None = None,
-        new_stage_init: str = "x_embedder",
+        new_stage_init: str = "band_split",
+        flux_timestep: str | None = None,
         **load_kwargs,
     ) -> "DFMTransformer2DModel":
         """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
@@ -344,15 +416,21 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             share_weights: if True, the blocks and embedders use FLUX's very parameter objects (no extra memory;
                 training one trains the other). Default: copies. A FLUX loaded from a path is always shared.
 
-            new_stage_init: how the input projection of every stage >= 1 starts (its head always starts at zero, so
-                its velocity is 0 and stage 0 is replicated while it is inactive):
-                ``"x_embedder"`` (default): FLUX's x_embedder weight (no bias; summed over the sub-pixels a patch
+            new_stage_init: how every stage >= 1 starts:
+                ``"band_split"`` (default): the converted model samples like FLUX. The pyramid is the Haar one
+                (``decomposition_upsampling="nearest"``), every later stage's input projection is FLUX's x_embedder
+                and its head FLUX's norm_out / proj_out followed by the projection onto its band (``band_split``
+                config: an active band replaces the carrier's content in its band), so with one shared sigma the
+                model IS FLUX on the recomposed latent, and the detail stages are generated by FLUX itself; while
+                stage 0 is ahead FLUX is conditioned on the noise level of its input (``flux_timestep="noise_rms"``;
+                docs/flux_conversion.md has the measurements behind both choices). ``stage_scales`` must be unset.
+                The two earlier inits keep the later stages' heads at zero (velocity 0: their band keeps its noise):
+                ``"x_embedder"``: FLUX's x_embedder weight (no bias; summed over the sub-pixels a patch
                 smaller than 2 covers), times ``stage_scales[s]`` when given, so FLUX reads the detail band in the
                 pixel basis it knows and gradients reach both the input projection and the head from step 1;
-                ``"zero"``: zero as well (the first implementation). A zero input projection under a zero head is a
-                saddle: the new stage's loss reaches its input projection only through its head, and the head sees
-                nothing of the new stage's input, so the new stage barely moves for the first few hundred steps
-                (RESULTS.md, FLUX finetuning analog).
+                ``"zero"``: zero as well (the first implementation; a saddle that stalls the new stage).
+            flux_timestep: FLUX's time input while later stages are active (see FLUX_TIMESTEPS); default
+                ``"noise_rms"`` with band_split, else ``"stage_0"``.
 
         Weights: blocks, pos/context/time-text(+guidance) embedders are FLUX's. Stage 0 with the default layout: its
         patch embedding and head are FLUX's x_embedder / norm_out / proj_out verbatim, so its velocity equals
@@ -365,8 +443,11 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         FLUX; their patch embedding follows ``new_stage_init``.
         The result is in eval mode, like from_pretrained's.
         """
-        if new_stage_init not in ("x_embedder", "zero"):
-            raise ValueError(f"new_stage_init must be 'x_embedder' or 'zero', got {new_stage_init!r}")
+        if new_stage_init not in NEW_STAGE_INITS:
+            raise ValueError(f"new_stage_init must be one of {NEW_STAGE_INITS}, got {new_stage_init!r}")
+        band_split = new_stage_init == "band_split"
+        if flux_timestep is None:
+            flux_timestep = "noise_rms" if band_split else "stage_0"
         if isinstance(flux, (str, os.PathLike)):
             flux = FluxTransformer2DModel.from_pretrained(
                 flux, subfolder=subfolder, torch_dtype=torch_dtype, **load_kwargs
@@ -395,6 +476,9 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 stage_scales=stage_scales,
                 decomposition_antialias=decomposition_antialias,
                 stage_upsampling=stage_upsampling,
+                decomposition_upsampling="nearest" if band_split else None,
+                band_split=band_split,
+                flux_timestep=flux_timestep,
             )
 
         # 1) Everything outside stage_layers is FLUX's own (shared or copied).
@@ -420,7 +504,6 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         p0 = layers.patch_sizes[0]
-        r = FLUX_PACKING // p0
         dim = model.inner_dim
         c_in, c_out = model.latent_channels, model.out_latent_channels
         with torch.no_grad():
@@ -430,21 +513,25 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                 """x_embedder's weight for a patch of p <= 2 pixels: summed over the (2/p)^2 sub-pixels that nearest
                 upsampling by 2/p fills with the same value (p = 2: x_embedder verbatim)."""
                 if FLUX_PACKING % p:
-                    raise ValueError(f"new_stage_init='x_embedder' needs patch sizes dividing 2, got {p}; use 'zero'")
+                    raise ValueError(f"new_stage_init={new_stage_init!r} needs patch sizes dividing 2, got {p}; use 'zero'")
                 q = FLUX_PACKING // p
                 return x_w.view(dim, c_in, p, q, p, q).sum((3, 5)).reshape(dim, c_in * p * p)
 
-            embed0 = layers.patch_embedders[0]
-            embed0.weight.copy_(flux_patch_embedding(p0))
-            embed0.bias.copy_(x_b)
-            head0 = layers.heads[0]
-            head0.norm_out.linear.weight.copy_(source["norm_out.linear.weight"].float())
-            head0.norm_out.linear.bias.copy_(source["norm_out.linear.bias"].float())
             o_w, o_b = source["proj_out.weight"].float(), source["proj_out.bias"].float()
-            head0.proj_out.weight.copy_(o_w.view(c_out, p0, r, p0, r, dim).mean((2, 4)).reshape(-1, dim))
-            head0.proj_out.bias.copy_(o_b.view(c_out, p0, r, p0, r).mean((2, 4)).reshape(-1))
+
+            def copy_flux_head(head: StageOutputHead, p: int) -> None:
+                """FLUX's norm_out / proj_out for a patch of p <= 2 pixels: proj_out averaged over the (2/p)^2
+                sub-pixels (the block mean of FLUX's output; p = 2: verbatim)."""
+                q = FLUX_PACKING // p
+                head.norm_out.linear.weight.copy_(source["norm_out.linear.weight"].float())
+                head.norm_out.linear.bias.copy_(source["norm_out.linear.bias"].float())
+                head.proj_out.weight.copy_(o_w.view(c_out, p, q, p, q, dim).mean((2, 4)).reshape(-1, dim))
+                head.proj_out.bias.copy_(o_b.view(c_out, p, q, p, q).mean((2, 4)).reshape(-1))
+
+            layers.patch_embedders[0].weight.copy_(flux_patch_embedding(p0))
+            layers.patch_embedders[0].bias.copy_(x_b)
+            copy_flux_head(layers.heads[0], p0)
             zeroed = [layers.stage_embedding]
-            zeroed += [layers.heads[s] for s in range(1, layers.num_stages)]
             for s in range(1, layers.num_stages):
                 embed = layers.patch_embedders[s]
                 embed.bias.zero_()  # stage 0 carries FLUX's bias once
@@ -452,6 +539,10 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
                     embed.weight.zero_()
                 else:
                     embed.weight.copy_(flux_patch_embedding(layers.patch_sizes[s]))
+                if band_split:
+                    copy_flux_head(layers.heads[s], layers.patch_sizes[s])
+                else:
+                    zeroed.append(layers.heads[s])
             zeroed += [embedder.timestep_embedder.linear_2 for embedder in layers.timestep_embedders]
             for module in zeroed:
                 for param in module.parameters():

@@ -2,7 +2,7 @@
 
     accelerate launch train_dfm_flux.py --config examples/configs/flux_dfm_finetune_lora.yaml [--key value ...]
 
-``pretrained`` is a FluxPipeline (converted to DFM first: stage 0 reuses FLUX's layers, stage 1 starts at zero)
+``pretrained`` is a FluxPipeline (converted to DFM first: every stage reuses FLUX's layers, split into bands; new_stage_init)
 or a DFMPipeline, as a local folder or Hub id; ``dataset`` an image folder with a metadata.jsonl of captions, a
 saved / local data set or a Hub data set name. ``num_stages: 1`` finetunes plain flow matching with the same code.
 Every setting is a field of dfm_diffusers.training.flux.FluxTrainingConfig; YAML values first, then overrides;

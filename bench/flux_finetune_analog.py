@@ -20,6 +20,9 @@ FLUX's 2x2 packing then gives 8x8 tokens).
      stage's input projection and head both zero (``new_stage_init="zero"``);
    - ``dfm_embed``: the same with the library's default ``new_stage_init="x_embedder"`` (the new stage's input
      projection starts as FLUX's x_embedder, its head at zero);
+   - ``dfm_band``: the band-split conversion (the library's default since issue 17: Haar pyramid, every later stage
+     starts as FLUX's input projection and head split into bands, FLUX conditioned on its input's rms noise level),
+     the library's objective defaults; ``dfm_band_w``: the same with stage weights [0.7, 0.3];
    - ``dfm_new_bal`` / ``dfm_embed_bal``: with the pixel-space reproduction's fix (issue 9): the detail band
      standardized relative to stage 0 (``stage_scales: auto_relative``; stage 0 unchanged, so the replication holds)
      and stage weights [0.7, 0.3].
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -66,7 +70,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
 from dfm_diffusers.data.band_stats import estimate_stage_scales  # noqa: E402
 from dfm_diffusers.data.fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist  # noqa: E402
-from dfm_diffusers.evaluation import extract_features, frechet_distance, train_feature_classifier  # noqa: E402
+from dfm_diffusers.evaluation import extract_features, frechet_distance, precision_recall, train_feature_classifier  # noqa: E402
 from dfm_diffusers.training.loop import LoopConfig, run_training  # noqa: E402
 from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  # noqa: E402
 from dfm_diffusers.visualize import image_grid  # noqa: E402
@@ -76,11 +80,14 @@ METHODS = {"ft": dict(num_stages=1),
            "dfm_old": dict(num_stages=2, stage_upsampling=[1, 1], new_stage_init="zero"),
            "dfm_new": dict(num_stages=2, new_stage_init="zero"), "dfm_new_bal": dict(num_stages=2, new_stage_init="zero"),
            "dfm_embed": dict(num_stages=2, new_stage_init="x_embedder"),
-           "dfm_embed_bal": dict(num_stages=2, new_stage_init="x_embedder")}
+           "dfm_embed_bal": dict(num_stages=2, new_stage_init="x_embedder"),
+           "dfm_band": dict(num_stages=2, new_stage_init="band_split"),
+           "dfm_band_w": dict(num_stages=2, new_stage_init="band_split")}
 # objective settings per method (default: the library's): the _bal methods use the pixel-space reproduction's fix
 # (issue 9), detail band standardized relative to stage 0 (auto_relative keeps stage 0, so the step-0 replication
 # holds) and stage weights [0.7, 0.3]
-OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3]), "dfm_embed_bal": dict(stage_weights=[0.7, 0.3])}
+OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3]), "dfm_embed_bal": dict(stage_weights=[0.7, 0.3]),
+             "dfm_band_w": dict(stage_weights=[0.7, 0.3])}
 STAGE_SCALES = {"dfm_new_bal": "auto_relative", "dfm_embed_bal": "auto_relative"}
 MAX_TEXT = 16
 
@@ -280,6 +287,9 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--final-shifts", type=float, nargs="*", default=[0.5, 2.0, 3.0],
                         help="static time shifts also sampled at the last step (1.0 is sampled at every checkpoint)")
+    parser.add_argument("--eval-steps", type=int, nargs="*", default=None,
+                        help="finetuning steps scored (default: 4 evenly spaced; the issue-17 protocol: "
+                        "250 500 1000 2000 4000 with --finetune-steps 4000)")
     parser.add_argument("--classifier-steps", type=int, default=2000)
     parser.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no")
     parser.add_argument("--data-dir", default=None)
@@ -384,7 +394,9 @@ def main(argv=None):
             done = {(r["method"], r["seed"], r["step"], r.get("data", "B"), r.get("shift", 1.0))
                 for r in map(json.loads, f)}
     eval_labels = torch.tensor(CLASSES_B, device=device).repeat_interleave(args.num_samples // len(CLASSES_B))
-    checkpoint_every = max(args.finetune_steps // 4, 1)
+    eval_steps = sorted(set(args.eval_steps or [max(args.finetune_steps * k // 4, 1) for k in (1, 2, 3, 4)]))
+    eval_steps = [k for k in eval_steps if k <= args.finetune_steps] + [args.finetune_steps]
+    checkpoint_every = math.gcd(*eval_steps)
 
     for method in args.methods if args.workers <= 1 else []:
         for seed in args.seeds:
@@ -402,10 +414,10 @@ def main(argv=None):
             decomposition = LaplacianDecomposition.from_config(model.config)
 
             def evaluate(trained, step, method=method, seed=seed):
+                if step and step not in eval_steps:
+                    return
                 trained.eval()
-                runs = [("B", 1.0)]
-                if step == 0:
-                    runs.append(("A", 1.0))
+                runs = [("B", 1.0), ("A", 1.0)]  # A: what the converted model knows at step 0, what finetuning forgets
                 if step == args.finetune_steps:
                     runs += [("B", k) for k in args.final_shifts if k != 1.0]
                 for data, shift in runs:
@@ -414,10 +426,12 @@ def main(argv=None):
                     labels = eval_labels if data == "B" else eval_labels - len(CLASSES_A)
                     samples, _ = generate(trained, text, space, labels, args, seed=1000 + seed, shift=shift)
                     reference = real_features if data == "B" else real_features_a
-                    fd = frechet_distance(extract_features(classifier, samples.to(device)), reference)
+                    features = extract_features(classifier, samples.to(device))
+                    fd = frechet_distance(features, reference)
+                    pr = precision_recall(reference.to(features), features)
                     with open(fd_path, "a") as f:
-                        f.write(json.dumps(dict(method=method, seed=seed, step=step, fd=fd, data=data, shift=shift))
-                                + "\n")
+                        f.write(json.dumps(dict(method=method, seed=seed, step=step, fd=fd, data=data, shift=shift,
+                                                precision=pr["precision"], recall=pr["recall"])) + "\n")
                     print(f"{method} seed {seed} step {step} {data} shift {shift}: FD {fd:.3f}", flush=True)
                 if step == args.finetune_steps and seed == 0:
                     labels = torch.tensor(CLASSES_B, device=device).repeat(2)

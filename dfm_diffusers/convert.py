@@ -5,10 +5,9 @@
         [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
 
 Stage 0 is carried at the full latent resolution and reuses FLUX's patch embedding, timestep embedder and output
-head verbatim (paper appendix E, see DFMTransformer2DModel); later stages' heads start at zero (their input
-projections at FLUX's x_embedder, --new-stage-init), so the converted model's stage 0 is FLUX's image,
-block-averaged to stage 0's resolution. Any stage factors work
-(--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
+head verbatim (paper appendix E, see DFMTransformer2DModel); by default (--new-stage-init band_split) later stages
+reuse them too, split into bands, so the converted model samples like FLUX before any finetuning. Any stage factors
+work (--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ import argparse
 import torch
 from diffusers import FluxPipeline
 
+from .models.transformer_dfm_flux import NEW_STAGE_INITS
 from .pipelines.pipeline_dfm import DFMPipeline
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,8 +31,10 @@ def main(argv=None):
     parser.add_argument("--stage-factors", type=int, nargs="+", default=[2])
     parser.add_argument("--steps-per-stage", type=int, nargs="+", default=None)
     parser.add_argument("--stage-thresholds", type=float, nargs="+", default=None, help="sigmas (1 - the paper's tau)")
-    parser.add_argument("--new-stage-init", choices=["x_embedder", "zero"], default="x_embedder",
-                        help="input projection of stages >= 1 (heads start at zero either way)")
+    parser.add_argument("--new-stage-init", choices=list(NEW_STAGE_INITS), default="band_split",
+                        help="how stages >= 1 start: band_split (default: the converted model samples like FLUX; "
+                        "Haar pyramid, FLUX's input projection and head split into bands), x_embedder or zero "
+                        "(their heads start at zero: the detail band keeps its noise)")
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")

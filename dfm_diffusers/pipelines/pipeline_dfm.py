@@ -71,7 +71,7 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
         steps_per_stage=None,
         stage_thresholds=None,
         stage_upsampling=None,
-        new_stage_init: str = "x_embedder",
+        new_stage_init: str = "band_split",
     ) -> "DFMPipeline":
         """Convert a loaded FluxPipeline: DFMTransformer2DModel.from_flux + DFMScheduler.from_flow_match;
         the text encoders, tokenizers and VAE are shared with ``flux_pipe``. ``stage_upsampling`` is from_flux's

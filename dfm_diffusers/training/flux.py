@@ -79,9 +79,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
         "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
     )
-    new_stage_init: Literal["x_embedder", "zero"] = setting(
-        "x_embedder", "conversion only: input projection of stages >= 1 (their heads start at zero either way): "
-        "FLUX's x_embedder, or zero (a saddle that stalls the new stage for hundreds of steps)"
+    new_stage_init: Literal["band_split", "x_embedder", "zero"] = setting(
+        "band_split", "conversion only: how stages >= 1 start. band_split: the converted model samples like FLUX "
+        "(Haar pyramid, FLUX's input projection and head split into bands; needs stage_scales unset); x_embedder / "
+        "zero: heads at zero (the detail band keeps its noise), input projection FLUX's x_embedder / zero"
     )
     vae: str | None = setting(
         None, "AutoencoderKL (local folder or Hub id, its config.json at the top) replacing the pipeline's VAE for "
@@ -847,6 +848,10 @@ def build_flux_task(config: FluxTrainingConfig):
     info = inspect_pretrained(config, check_resolution=False)  # a Hub id's config files are first read here
     problems = stage_list_problems(config, info["num_stages"]) + require(*_resolution_check(config.resolution, info))
     problems += _validation_size_problems(config, info)
+    problems += require(
+        not (info["kind"] == "flux" and config.new_stage_init == "band_split" and config.stage_scales is not None),
+        "stage_scales", "must stay unset with new_stage_init band_split (the band-split model is FLUX on the "
+        "recomposed latent, in FLUX's units); use new_stage_init x_embedder to standardize the bands")
     if problems:
         raise ConfigError(problems, type(config).__name__)
     dataset = build_flux_dataset(config, info)

@@ -86,7 +86,8 @@ def load_official_checkpoint(path: str, weights: str = "ema") -> tuple[dict[str,
     args = vars(args) if isinstance(args, argparse.Namespace) else (args if isinstance(args, dict) else {})
     if "ema" in obj or "model" in obj:
         if weights not in obj:
-            raise ValueError(f"{path} has no {weights!r} weights (it has {sorted(k for k in obj if isinstance(k, str))})")
+            keys = sorted(k for k in obj if isinstance(k, str))
+            raise ValueError(f"{path} has no {weights!r} weights (it has {keys})")
         state = obj[weights]
     else:
         state = obj
@@ -185,7 +186,9 @@ def official_transformer_config(
     _check_args(source, args)
     multiscale = any(k.startswith("x_embedder.embedders.") for k in state)
     if source == "elit-dfm" and not multiscale:
-        raise ValueError("not a DFM-SiT checkpoint (no x_embedder.embedders.*): convert it with --from elit-sit / repa / sit")
+        raise ValueError(
+            "not a DFM-SiT checkpoint (no x_embedder.embedders.*): convert it with --from elit-sit / repa / sit"
+        )
     if source != "elit-dfm" and multiscale:
         raise ValueError("this is a DFM-SiT checkpoint (x_embedder.embedders.*): convert it with --from elit-dfm")
     if multiscale:
@@ -194,7 +197,9 @@ def official_transformer_config(
     else:
         _require(state, ["x_embedder.proj.weight"], "a SiT checkpoint")
         patch_weights = [state["x_embedder.proj.weight"]]
-    _require(state, ["pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight"], "a SiT-family checkpoint")
+    _require(
+        state, ["pos_embed", "y_embedder.embedding_table.weight", "blocks.0.attn.qkv.weight"], "a SiT-family checkpoint"
+    )
     width, in_channels = patch_weights[0].shape[:2]
     patch_sizes = [int(w.shape[-1]) for w in patch_weights]
     num_stages = len(patch_sizes)
@@ -230,8 +235,11 @@ def _head_weights(weight: torch.Tensor, bias: torch.Tensor, patch: int, channels
     """Output features (py, px, c') -> (c, py, px), keeping channels c < ``channels`` (drops a learned sigma)."""
     stored = weight.shape[0] // (patch * patch)
     if stored not in (channels, 2 * channels) or stored * patch * patch != weight.shape[0]:
-        raise ValueError(f"final layer has {weight.shape[0]} outputs: not {patch}x{patch} patches of {channels} channels")
-    w = weight.reshape(patch, patch, stored, -1)[:, :, :channels].permute(2, 0, 1, 3).reshape(channels * patch * patch, -1)
+        raise ValueError(
+            f"final layer has {weight.shape[0]} outputs: not {patch}x{patch} patches of {channels} channels"
+        )
+    w = weight.reshape(patch, patch, stored, -1)[:, :, :channels].permute(2, 0, 1, 3)
+    w = w.reshape(channels * patch * patch, -1)
     b = bias.reshape(patch, patch, stored)[:, :, :channels].permute(2, 0, 1).reshape(-1)
     return w, b
 
@@ -248,7 +256,7 @@ def time_reversal_matrix(num_channels: int = _FREQUENCY_CHANNELS) -> torch.Tenso
 def convert_official_state_dict(
     state: dict[str, torch.Tensor], source: str, config: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Official tensors -> DFMDiTTransformer2DModel's state dict (``config`` from :func:`official_transformer_config`)."""
+    """Official tensors -> DFMDiTTransformer2DModel's state dict (``config``: :func:`official_transformer_config`)."""
     S, D, C = config["num_stages"], config["num_attention_heads"] * config["attention_head_dim"], config["in_channels"]
     patches = [config["patch_size"] // 2 ** (S - 1 - s) for s in range(S)]
     multiscale = source == "elit-dfm"
@@ -263,7 +271,8 @@ def convert_official_state_dict(
         conv = f"x_embedder.embedders.{s}.proj" if multiscale else "x_embedder.proj"
         temb = f"t_embedder.embedders.{s}.mlp" if multiscale else "t_embedder.mlp"
         final = f"final_layer.projections.{s}" if multiscale else "final_layer"
-        _require(state, [f"{conv}.weight", f"{temb}.0.weight", f"{final}.linear.weight"], f"a complete {source} checkpoint")
+        keys = [f"{conv}.weight", f"{temb}.0.weight", f"{final}.linear.weight"]
+        _require(state, keys, f"a complete {source} checkpoint")
         out[f"stage_layers.patch_embedders.{s}.weight"] = take(f"{conv}.weight").reshape(D, -1)
         out[f"stage_layers.patch_embedders.{s}.bias"] = take(f"{conv}.bias")
         ours = f"stage_layers.timestep_embedders.{s}.timestep_embedder"

@@ -184,7 +184,9 @@ def convert_official_checkpoint(
     scheduler = DFMScheduler(num_stages=num_stages, steps_per_stage=steps, stage_thresholds=[0.1] * (num_stages - 1))
     classes = transformer.config.num_classes
     id2label = dict(enumerate(IMAGENET_CLASSES)) if classes == len(IMAGENET_CLASSES) else None
-    return DFMDiTPipeline(transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label, vae_reference=reference)
+    return DFMDiTPipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, id2label=id2label, vae_reference=reference
+    )
 
 
 def official_sampling_kwargs(source: str) -> dict:

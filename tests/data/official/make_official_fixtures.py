@@ -10,8 +10,8 @@ writes:
 - ``dfm_sit_tiny.pt``: a DFM-SiT (2 stages, patch sizes [1, 2]) in the official training-checkpoint format
   ({"model", "ema", "opt", "args": argparse.Namespace, "steps"}), "model" differing from "ema" in one tensor;
 - ``sit_repa_tiny.pt``: the ELIT repository's SiT (which is REPA's SiT) with a REPA projector head, same format;
-- ``sit_original_tiny.pt``: the original SiT (willisma/SiT) with the learned-sigma head, as a plain state dict
-  (the format of its released SiT-XL-2-256x256.pt);
+- ``sit_original_tiny.pt``: the original SiT (willisma/SiT) with the learned-sigma head and 10 classes, as a plain
+  state dict (the format of its released SiT-XL-2-256x256.pt);
 - ``official_outputs.safetensors``: their inputs and outputs: per-stage velocities with one and with both stages
   active, the official DFM Euler sampler (steps [40, 10], threshold 0.1, cfg 1; and steps [6, 4], threshold 0.25,
   cfg 3 with the guidance interval [0.2, 0.7], with every step's model inputs), the official SiT Euler sampler
@@ -69,7 +69,8 @@ def checkpoint(model, args: argparse.Namespace, steps: int) -> dict:
     apart), every other tensor is shared (stored once)."""
     ema = model.state_dict()
     raw = dict(ema)
-    key = min((k for k in raw if k.startswith("final_layer") and k.endswith("linear.bias")), key=lambda k: raw[k].numel())
+    heads = [k for k in raw if k.startswith("final_layer") and k.endswith("linear.bias")]
+    key = min(heads, key=lambda k: raw[k].numel())
     raw[key] = raw[key] + 1.0
     return {"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": []}, "args": args, "steps": steps}
 
@@ -115,7 +116,8 @@ def main(argv=None):
 
     g = torch.Generator().manual_seed(1)
     batch = 3
-    x = {0: torch.randn(batch, 4, LATENT // 2, LATENT // 2, generator=g), 1: torch.randn(batch, 4, LATENT, LATENT, generator=g)}
+    x = {0: torch.randn(batch, 4, LATENT // 2, LATENT // 2, generator=g)}
+    x[1] = torch.randn(batch, 4, LATENT, LATENT, generator=g)
     y = torch.tensor([3, 999, 1000])  # 1000 = the null class
     t0 = torch.rand(batch, generator=g)
     t_partial = torch.stack([t0, torch.ones(batch)], dim=-1)  # stage 1 not yet started: sigma 1
@@ -128,12 +130,15 @@ def main(argv=None):
         out[f"dfm.out_full.{s}"] = out_full[s]
 
     recompose = LaplacianDecomposer2D(stages_count=2).recompose
-    noise = {0: torch.randn(2, 4, LATENT // 2, LATENT // 2, generator=g), 1: torch.randn(2, 4, LATENT, LATENT, generator=g)}
+    noise = {0: torch.randn(2, 4, LATENT // 2, LATENT // 2, generator=g)}
+    noise[1] = torch.randn(2, 4, LATENT, LATENT, generator=g)
     labels = torch.tensor([7, 412])
     out.update({"dfm.sample.noise0": noise[0], "dfm.sample.noise1": noise[1], "dfm.sample.y": labels})
     schedule = MultiscaleScheduler([40, 10], [0.1]).schedule("cpu")
     out["dfm.sample.eval.times"] = torch.stack([step["times"] for step in schedule])
-    final = dfm_euler_sampler(dfm, dict(noise), labels, cfg_scale=1.0, num_steps_per_scale=[40, 10], stage_thresholds=[0.1])
+    final = dfm_euler_sampler(
+        dfm, dict(noise), labels, cfg_scale=1.0, num_steps_per_scale=[40, 10], stage_thresholds=[0.1]
+    )
     out["dfm.sample.eval.latent"] = recompose({k: v.float() for k, v in final.items()})
 
     recorder = Recorder(dfm)

@@ -347,3 +347,31 @@ def test_vae_with_other_latent_scaling_is_refused(tmp_path):
         convert_official_checkpoint(DFM_CKPT, "elit-dfm", vae=vae, num_heads=2)
     with pytest.raises(ValueError, match="could not load the VAE.*--vae none"):
         convert_official_checkpoint(DFM_CKPT, "elit-dfm", vae=str(tmp_path / "no-vae"), num_heads=2)
+
+
+def test_convert_command_push_to_hub_and_one_clear_error(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from dfm_diffusers.convert import main
+
+    seen = {}
+
+    class Repo:
+        repo_id = "me/dfm-sit"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+
+    def upload(self, repo_id, folder_path, **kw):
+        seen["repo"] = repo_id
+        seen["files"] = sorted(os.listdir(folder_path))
+        seen["card"] = open(os.path.join(folder_path, "README.md")).read()
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload)
+    main(["dit", "--from", "elit-dfm", DFM_CKPT, "--output", str(tmp_path / "p"), "--vae", "none", "--num-heads", "2",
+          "--steps-per-stage", "30", "10", "--push-to-hub", "dfm-sit"])
+    assert seen["repo"] == "me/dfm-sit" and "model_index.json" in seen["files"] and "vae" not in seen["files"]
+    assert 'DFMDiTPipeline.from_pretrained("me/dfm-sit")' in seen["card"] and "steps per stage [30, 10]" in seen["card"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dit", "--from", "sit", DFM_CKPT, "--output", str(tmp_path / "q"), "--vae", "none"])
+    assert exit_info.value.code == 2
+    assert "error: this is a DFM-SiT checkpoint" in capsys.readouterr().err and not (tmp_path / "q").exists()

@@ -183,7 +183,6 @@ def official_transformer_config(
     if source not in OFFICIAL_SOURCES:
         raise ValueError(f"source must be one of {OFFICIAL_SOURCES}, got {source!r}")
     args = args or {}
-    _check_args(source, args)
     multiscale = any(k.startswith("x_embedder.embedders.") for k in state)
     if source == "elit-dfm" and not multiscale:
         raise ValueError(
@@ -191,6 +190,7 @@ def official_transformer_config(
         )
     if source != "elit-dfm" and multiscale:
         raise ValueError("this is a DFM-SiT checkpoint (x_embedder.embedders.*): convert it with --from elit-dfm")
+    _check_args(source, args)
     if multiscale:
         stages = _block_indices(state, "x_embedder.embedders.")
         patch_weights = [state[f"x_embedder.embedders.{s}.proj.weight"] for s in stages]

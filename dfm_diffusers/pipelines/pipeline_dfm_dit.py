@@ -137,9 +137,10 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
                 f"with vae=AutoencoderKL.from_pretrained({reference!r}) (from_pretrained(..., vae=...)), or ask "
                 f"for output_type='latent'"
             )
-        if isinstance(class_labels, str) or (
+        names = isinstance(class_labels, str) or (
             isinstance(class_labels, (list, tuple)) and class_labels and all(isinstance(c, str) for c in class_labels)
-        ):
+        )
+        if names and self.labels:
             class_labels = self.get_label_ids(class_labels)
         labels = integer_class_labels(class_labels).to(device)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:

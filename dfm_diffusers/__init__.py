@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .decomposition import LaplacianDecomposition
 from .models import DFMTransformer2DModel
 from .models import DFMDiTTransformer2DModel
-from .pipelines import DFMDiTPipeline, DFMPipeline, DFMPipelineOutput
+from .pipelines import DFMDiTPipeline, DFMPipeline, DFMPipelineOutput, convert_official_checkpoint
 from .schedulers import DFMScheduler
 from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
 
@@ -17,6 +17,7 @@ __all__ = [
     "DFMPipeline",
     "DFMPipelineOutput",
     "DFMDiTPipeline",
+    "convert_official_checkpoint",
     "DFMTrainingSigmas",
     "dfm_loss",
     "noise_stages",

@@ -68,16 +68,21 @@ def stage_activity(num_active_stages: torch.Tensor, num_stages: int) -> torch.Te
 
 
 class StageTimestepEmbedding(nn.Module):
-    """FLUX/DiT-style sinusoidal (256 channels) + MLP timestep embedder; input is sigma in [0, 1]."""
+    """FLUX/DiT-style sinusoidal (256 channels) + MLP timestep embedder; input is sigma in [0, 1].
 
-    def __init__(self, embedding_dim: int, num_channels: int = 256):
+    ``timestep_scale`` multiplies sigma before the sinusoids: 1000 like diffusers' FLUX does internally (default),
+    1 for SiT-family models, which embed the raw time in [0, 1].
+    """
+
+    def __init__(self, embedding_dim: int, num_channels: int = 256, timestep_scale: float = 1000.0):
         super().__init__()
+        self.timestep_scale = float(timestep_scale)
         self.time_proj = Timesteps(num_channels=num_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.timestep_embedder = TimestepEmbedding(in_channels=num_channels, time_embed_dim=embedding_dim)
 
     def forward(self, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """sigma [B] -> [B, D]; sigma is scaled by 1000 like diffusers' FLUX does internally."""
-        proj = self.time_proj(sigma.float() * 1000)
+        """sigma [B] -> [B, D] (sigma * timestep_scale goes into the sinusoids)."""
+        proj = self.time_proj(sigma.float() * self.timestep_scale)
         return self.timestep_embedder(proj.to(dtype))
 
 
@@ -99,7 +104,8 @@ class DFMStageLayers(nn.Module):
     """The per-stage input projections, timestep embedders, stage-index embedding and output heads.
 
     ``timestep_embedders`` exist for stages ``first_timestep_stage .. S-1`` (a model may embed stage 0's
-    sigma with its own embedder, as the FLUX-based model does with FLUX's time_text_embed).
+    sigma with its own embedder, as the FLUX-based model does with FLUX's time_text_embed); they embed
+    sigma * ``timestep_scale``.
     """
 
     def __init__(
@@ -112,6 +118,7 @@ class DFMStageLayers(nn.Module):
         embedding_dim: int,
         first_timestep_stage: int = 0,
         stage_upsampling: Sequence[int] | None = None,
+        timestep_scale: float = 1000.0,
     ):
         super().__init__()
         self.num_stages = num_stages
@@ -122,7 +129,10 @@ class DFMStageLayers(nn.Module):
             [nn.Linear(in_channels * p * p, embedding_dim) for p in self.patch_sizes]
         )
         self.timestep_embedders = nn.ModuleList(
-            [StageTimestepEmbedding(embedding_dim) for _ in range(first_timestep_stage, num_stages)]
+            [
+                StageTimestepEmbedding(embedding_dim, timestep_scale=timestep_scale)
+                for _ in range(first_timestep_stage, num_stages)
+            ]
         )
         self.stage_embedding = nn.Embedding(num_stages, embedding_dim)
         self.heads = nn.ModuleList([StageOutputHead(embedding_dim, p, out_channels) for p in self.patch_sizes])

@@ -178,6 +178,8 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         stage_scales, decomposition_antialias: the LaplacianDecomposition the model is trained with (per-stage
             standardization scales, antialiased downsampling). The forward pass does not use them; they are stored
             in the config so that a saved model rebuilds its decomposition (see pipelines' ``decomposition_for``).
+        timestep_scale: the timestep embedders embed sigma * timestep_scale (1000, the default, like DiT's
+            integer timesteps; 1 for models converted from the SiT family, which embed the raw time in [0, 1]).
 
     Gradient checkpointing of the blocks: ``model.enable_gradient_checkpointing()`` (diffusers' API).
     """
@@ -203,6 +205,7 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         learn_sigma: bool = False,
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
+        timestep_scale: float = 1000.0,
     ):
         super().__init__()
         if learn_sigma:
@@ -217,6 +220,8 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"class_dropout_prob must be in [0, 1], got {class_dropout_prob}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not timestep_scale > 0:
+            raise ValueError(f"timestep_scale must be > 0, got {timestep_scale}")
         if stage_scales is not None and (len(stage_scales) != num_stages or any(not s > 0 for s in stage_scales)):
             raise ValueError(f"stage_scales must be {num_stages} positive numbers (one per stage), got {stage_scales}")
         if patch_size % total_factor:
@@ -231,7 +236,8 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
 
         # Per-stage patch embeddings, timestep embedders, stage-index embedding and output heads (the DFM part).
         self.stage_layers = DFMStageLayers(
-            num_stages, factors, patch_size, in_channels, self.out_channels, self.inner_dim, first_timestep_stage=0
+            num_stages, factors, patch_size, in_channels, self.out_channels, self.inner_dim, first_timestep_stage=0,
+            timestep_scale=timestep_scale,
         )
         self.class_embedder = ClassEmbedding(num_classes, self.inner_dim, class_dropout_prob)
         self.transformer_blocks = nn.ModuleList(

@@ -41,17 +41,56 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
 
     ``vae`` is optional: None means the transformer works in pixel space ([-1, 1]); otherwise any diffusers
     AutoencoderKL, latents being ``(z - shift_factor) * scaling_factor``.
+
+    Args:
+        id2label: optional class names, ``{class index: "name, synonym, ..."}`` (DiTPipeline's convention);
+            enables :meth:`get_label_ids` and class names in ``class_labels``.
+        vae_reference: optional Hub id (or description) of the VAE whose latents the transformer generates, for
+            a latent-space transformer saved without its VAE; images then need ``vae=`` at load time.
     """
 
     model_cpu_offload_seq = "transformer->vae"
     _optional_components = ["vae"]
     model_card_kind = "dit"
 
-    def __init__(self, transformer: DFMDiTTransformer2DModel, scheduler: DFMScheduler, vae=None):
+    def __init__(
+        self,
+        transformer: DFMDiTTransformer2DModel,
+        scheduler: DFMScheduler,
+        vae=None,
+        id2label: dict[int, str] | None = None,
+        vae_reference: str | None = None,
+    ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, vae=vae)
+        id2label = None if id2label is None else {int(k): str(v) for k, v in id2label.items()}
+        self.register_to_config(id2label=id2label, vae_reference=vae_reference)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        # name -> class index, every comma-separated synonym of every class (DiTPipeline.get_label_ids' table)
+        self.labels = {}
+        for index, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels[name.strip()] = index
+
+    @classmethod
+    def from_official_checkpoint(cls, checkpoint: str, source: str, **kwargs) -> "DFMDiTPipeline":
+        """An official DFM-SiT / SiT / REPA checkpoint file as a DFMDiTPipeline with the official model's outputs;
+        ``source`` is "elit-dfm", "elit-sit", "repa" or "sit"; ``kwargs`` (vae, num_heads, weights, steps_per_stage)
+        as in :func:`dfm_diffusers.pipelines.official.convert_official_checkpoint`."""
+        from .official import convert_official_checkpoint
+
+        return convert_official_checkpoint(checkpoint, source, **kwargs)
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class names (any of a class's comma-separated synonyms in ``id2label``) -> class indices."""
+        if not self.labels:
+            raise ValueError("this pipeline has no class names (id2label); pass integer class labels")
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [n for n in names if n not in self.labels]
+        if unknown:
+            raise ValueError(f"unknown class name(s) {unknown}; known names include {list(self.labels)[:8]} ...")
+        return [self.labels[n] for n in names]
 
     def decode_latents(self, latents: torch.Tensor, output_type: str):
         """Finest-resolution latent (or pixels) -> images in ``output_type``."""
@@ -81,6 +120,7 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         """Generate one image per class label.
 
         Args:
+            class_labels: class indices, or class names when the pipeline has ``id2label``.
             guidance_scale: classifier-free guidance scale (1 = off), applied per active stage.
             guidance_interval: optional (low, high) sigma interval: a stage is guided only while its own sigma
                 lies inside it (guidance interval, Kynkaanniemi et al. 2024).
@@ -90,6 +130,18 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         """
         config = self.transformer.config
         device = self._execution_device
+        reference = self.config.get("vae_reference", None)
+        if self.vae is None and reference and output_type != "latent":
+            raise ValueError(
+                f"the transformer generates latents of the VAE {reference!r} and this pipeline has no VAE: load it "
+                f"with vae=AutoencoderKL.from_pretrained({reference!r}) (from_pretrained(..., vae=...)), or ask "
+                f"for output_type='latent'"
+            )
+        names = isinstance(class_labels, str) or (
+            isinstance(class_labels, (list, tuple)) and class_labels and all(isinstance(c, str) for c in class_labels)
+        )
+        if names and self.labels:
+            class_labels = self.get_label_ids(class_labels)
         labels = integer_class_labels(class_labels).to(device)
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
             raise ValueError(f"class_labels must be in 0..{config.num_classes - 1}, got {labels.tolist()}")

@@ -28,12 +28,9 @@ Consequences, worked out:
   for stage 0 (see DFMScheduler).
 - later stages: stage s >= 1 is carried at its own resolution with patch 2 * H_s / H_finest when that is an
   integer, else nearest-upsampled to half the finest resolution with patch 1 (e.g. the middle stage of 3 stages
-  with factors [2, 4]). Their heads (and timestep-embedder outputs, stage-index embedding) start at zero, so their
-  velocity is 0 and stage 0 is exactly FLUX while they are inactive; their input projections start as FLUX's
-  x_embedder (``new_stage_init``), because a zero input projection under a zero head is a saddle that stalled the
-  new stage for ~500 steps in the finetuning analog (RESULTS.md: FD on the new data at step 250 / 500: 87 / 71 with
-  zero, 44 / 39 with x_embedder, 2 seeds). While a later stage is active FLUX reads carrier + that stage (summed
-  token embeddings), at stage 0's sigma, until finetuning teaches the per-stage conditioning.
+  with factors [2, 4]). ``from_flux``'s default (``new_stage_init="band_split"``, config ``band_split``) makes them
+  FLUX's own input projection and head split into Haar bands, so the converted model samples like FLUX; the earlier
+  inits keep their heads at zero (docs/flux_conversion.md has the measurements).
   Examples: 2 stages, factor 2 -> stage_upsampling [2, 1], patch sizes [2, 2]; factor 4 (256 -> 1024 px, 32x32 ->
   128x128 latents) -> [4, 1], [2, 2]; 3 stages [2, 2] -> [4, 1, 1], patch sizes [2, 1, 2].
 

@@ -17,7 +17,9 @@ sampler (DFMScheduler's sigma table) driving each conversion of FLUX into a 2-st
   carrier's head FLUX's velocity. ``cond``: FLUX's time input while stage 0 is ahead: ``stage0`` (its sigma),
   ``newest`` (the detail stage's), ``rms`` (the noise variance of FLUX's input averaged over pixels).
   ``cin`` rescales the carrier's low band to FLUX's signal level at the conditioning sigma, (1 - s_c) / (1 - s_0)
-  (``scaled``) or not (``plain``).
+  (``scaled``) or not (``plain``). Suffix ``/xhat``: stage 0's velocity moves it to FLUX's clean estimate at its
+  own sigma, (z_0 - x_hat) / sigma_0, instead of taking FLUX's velocity; ``/own``: a diagnostic with a second FLUX
+  pass on the carrier alone for stage 0 (twice the cost; shows how much of the gap stage 0's velocity causes).
 
 Run: python bench/flux_conversion_sampling_proxy.py [--size 16] [--factor 2] [--steps 30 10] [--threshold 0.1]
 (CPU, seconds).

@@ -11,6 +11,7 @@ FLUX's 2x2 packing then gives 8x8 tokens).
 
 1. pretrain: plain flow matching (the shared DFM objective with one stage, caption dropout 0.1, guidance input 1)
    on data A = classes 0-4, ``--pretrain-steps`` steps;
+   (``--task sharpen``: A = classes 0-4 blurred, B = the same images sharp, a task that differs in fine detail);
 2. finetune on data B = classes 5-9 for ``--finetune-steps`` equal steps, every method and seed from the same
    pretrained weights, full finetuning, the shared training loop (dfm_diffusers.training.loop.run_training):
    - ``ft``: FM finetuning (DFMTransformer2DModel.from_flux(num_stages=1) == FLUX; the paper's FLUX-FT);
@@ -122,6 +123,11 @@ def load_data(classes, split, data_dir=None, max_per_class=None):
         images, labels = images[index], labels[index]
     x = F.pad(images.float() / 127.5 - 1, (2, 2, 2, 2), value=-1)[:, None]
     return x, labels.long()
+
+
+def blur(x):
+    """Images without their finest octave: 2x2 box downsampling, bilinear upsampling back."""
+    return F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class LatentSpace:
@@ -287,6 +293,10 @@ def main(argv=None):
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--final-shifts", type=float, nargs="*", default=[0.5, 2.0, 3.0],
                         help="static time shifts also sampled at the last step (1.0 is sampled at every checkpoint)")
+    parser.add_argument("--task", choices=["classes", "sharpen"], default="classes",
+                        help="classes: pretrain on classes 0-4, finetune on 5-9; sharpen: pretrain on classes 0-4 "
+                        "blurred (2x box down, bilinear up), finetune on the same images sharp (a change in fine "
+                        "detail only: where the coarse stage should matter)")
     parser.add_argument("--eval-steps", type=int, nargs="*", default=None,
                         help="finetuning steps scored (default: 4 evenly spaced; the issue-17 protocol: "
                         "250 500 1000 2000 4000 with --finetune-steps 4000)")
@@ -306,9 +316,15 @@ def main(argv=None):
 
     text = TextBank(os.path.join(args.out, "tokenizers"), device)
     x_a, y_a = load_data(CLASSES_A, "train", args.data_dir, per_class)
-    x_b, y_b = load_data(CLASSES_B, "train", args.data_dir, per_class)
-    x_b_test, y_b_test = load_data(CLASSES_B, "test", args.data_dir, per_class)
     x_a_test, y_a_test = load_data(CLASSES_A, "test", args.data_dir, per_class)
+    if args.task == "classes":  # B: new classes
+        classes_b = CLASSES_B
+        x_b, y_b = load_data(CLASSES_B, "train", args.data_dir, per_class)
+        x_b_test, y_b_test = load_data(CLASSES_B, "test", args.data_dir, per_class)
+    else:  # sharpen: A = the same classes blurred (2x box down, bilinear up), B = them sharp
+        classes_b = CLASSES_A
+        x_b, y_b, x_b_test, y_b_test = x_a, y_a, x_a_test, y_a_test
+        x_a, x_a_test = blur(x_a), blur(x_a_test)
     probe = F.pixel_unshuffle(x_a, 2)
     space = LatentSpace(probe.mean().item(), probe.std().item())
     loop = dict(train_batch_size=args.batch_size, mixed_precision=args.mixed_precision, use_ema=False,
@@ -393,7 +409,7 @@ def main(argv=None):
         with open(fd_path) as f:
             done = {(r["method"], r["seed"], r["step"], r.get("data", "B"), r.get("shift", 1.0))
                 for r in map(json.loads, f)}
-    eval_labels = torch.tensor(CLASSES_B, device=device).repeat_interleave(args.num_samples // len(CLASSES_B))
+    eval_labels = torch.tensor(classes_b, device=device).repeat_interleave(args.num_samples // len(classes_b))
     eval_steps = sorted(set(args.eval_steps or [max(args.finetune_steps * k // 4, 1) for k in (1, 2, 3, 4)]))
     eval_steps = [k for k in eval_steps if k <= args.finetune_steps] + [args.finetune_steps]
     checkpoint_every = math.gcd(*eval_steps)
@@ -423,7 +439,7 @@ def main(argv=None):
                 for data, shift in runs:
                     if (method, seed, step, data, shift) in done:
                         continue
-                    labels = eval_labels if data == "B" else eval_labels - len(CLASSES_A)
+                    labels = eval_labels if data == "B" or args.task == "sharpen" else eval_labels - len(CLASSES_A)
                     samples, _ = generate(trained, text, space, labels, args, seed=1000 + seed, shift=shift)
                     reference = real_features if data == "B" else real_features_a
                     features = extract_features(classifier, samples.to(device))
@@ -434,7 +450,7 @@ def main(argv=None):
                                                 precision=pr["precision"], recall=pr["recall"])) + "\n")
                     print(f"{method} seed {seed} step {step} {data} shift {shift}: FD {fd:.3f}", flush=True)
                 if step == args.finetune_steps and seed == 0:
-                    labels = torch.tensor(CLASSES_B, device=device).repeat(2)
+                    labels = torch.tensor(classes_b, device=device).repeat(2)
                     images, previews = generate(trained, text, space, labels, args, seed=7, previews=True)
                     os.makedirs(os.path.join(args.out, "grids"), exist_ok=True)
                     image_grid([*(previews or [])[:-1], images], size=64).save(

@@ -170,7 +170,8 @@ def test_stage_scales_auto_or_given_reach_the_transformer_config_and_the_export(
     from dfm_diffusers.decomposition import LaplacianDecomposition
 
     config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
-                                max_sequence_length=16, lora_rank=4, stage_scales=mode, output_dir=str(tmp_path))
+                                max_sequence_length=16, lora_rank=4, stage_scales=mode, output_dir=str(tmp_path),
+                                new_stage_init="x_embedder")
     task, dataset = build_flux_task(config)
     if mode == "auto":
         pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
@@ -270,7 +271,8 @@ def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, facto
 
     config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
                                 num_stages=num_stages, stage_factors=factors, max_sequence_length=16, lora_rank=4,
-                                caption_dropout=0.0, steps_per_stage=[1] * num_stages, output_dir=str(tmp_path / "o"))
+                                caption_dropout=0.0, steps_per_stage=[1] * num_stages, output_dir=str(tmp_path / "o"),
+                                new_stage_init="x_embedder")
     task, dataset = build_flux_task(config)
     batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
     x = task.encode_images(batch["pixel_values"], sample=False)
@@ -301,6 +303,23 @@ def test_factor_four_and_three_stages_convert_train_and_sample(num_stages, facto
     assert [p.shape[-1] for p in previews] == {2: [8, 32], 3: [8, 16, 32]}[num_stages]
 
 
+def test_default_conversion_is_the_band_split_in_training_validation_and_export(flux_pipeline_dir, caption_dir,
+                                                                               tmp_path):
+    """The trainer converts with from_flux's default (band split): its task decomposes with the model's Haar pyramid,
+    and the objective's stage-1 prediction has zero 2x2 block means (its head is projected onto the band)."""
+    config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
+                                max_sequence_length=16, lora_rank=4, output_dir=str(tmp_path / "o"))
+    task, dataset = build_flux_task(config)
+    assert task.transformer.config.band_split and task.transformer.config.flux_timestep == "noise_rms"
+    assert task.decomposition.upsampling_mode == "nearest"
+    assert task.export_transformer(task.transformer).config.band_split
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    torch.manual_seed(0)
+    out = task.objective(task.transformer, batch)
+    assert F.avg_pool2d(out.prediction[1].detach().float(), 2).abs().max() < 1e-5
+    assert out.prediction[1].detach().abs().max() > 0 or not (out.draw.num_active_stages > 1).any()
+
+
 def test_conversion_scales_the_new_stage_input_projection_by_its_stage_scale(flux_pipeline_dir, caption_dir, tmp_path):
     """new_stage_init x_embedder: stage 1's input is band / scale_1, so its copy of FLUX's x_embedder is scaled by
     scale_1 (scales set after the conversion, as the trainer does) and FLUX reads the band in its own units."""
@@ -310,7 +329,7 @@ def test_conversion_scales_the_new_stage_input_projection_by_its_stage_scale(flu
     for stage_scales, factor in ((None, 1.0), ([1.0, 0.25], 0.25)):
         config = FluxTrainingConfig(pretrained=str(flux_pipeline_dir), dataset=str(caption_dir), resolution=R,
                                     max_sequence_length=16, lora=False, stage_scales=stage_scales,
-                                    output_dir=str(tmp_path / "o"))
+                                    output_dir=str(tmp_path / "o"), new_stage_init="x_embedder")
         task, _ = build_flux_task(config)
         embed = task.transformer.stage_layers.patch_embedders[1].weight.detach().float()
         torch.testing.assert_close(embed, factor * flux_w.float())
@@ -328,6 +347,7 @@ def test_conversion_scales_the_new_stage_input_projection_by_its_stage_scale(flu
         (dict(stage_factors=4, stage_upsampling="[1, 1]"), "fractional patch size"),
         (dict(weight_dtype="bfloat16"), "mixed_precision"),
         (dict(stage_weights="[1.0]"), "stage_weights"),
+        (dict(stage_scales="[1.0, 0.5]"), "stage_scales: must stay unset with new_stage_init band_split"),
         (dict(stage_scales="standardize"), "auto_relative"),
         (dict(stage_scales="[1.0]"), "stage_scales"),
     ],

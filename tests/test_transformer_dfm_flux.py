@@ -140,7 +140,8 @@ def test_from_flux_initialisation_copies_and_sharing(tiny_flux_transformer):
     # the new stage's input projection: FLUX's x_embedder weight (default), times its stage scale, or zero
     assert torch.equal(layers.patch_embedders[1].weight, flux.x_embedder.weight)
     assert torch.equal(layers.patch_embedders[1].bias, torch.zeros_like(layers.patch_embedders[1].bias))
-    scaled = DFMTransformer2DModel.from_flux(flux, stage_scales=[1.0, 0.25]).stage_layers.patch_embedders[1]
+    scaled = DFMTransformer2DModel.from_flux(flux, stage_scales=[1.0, 0.25], new_stage_init="x_embedder")
+    scaled = scaled.stage_layers.patch_embedders[1]
     torch.testing.assert_close(scaled.weight, 0.25 * flux.x_embedder.weight)
     zeroed = DFMTransformer2DModel.from_flux(flux, new_stage_init="zero").stage_layers.patch_embedders[1]
     assert not zeroed.weight.any() and not zeroed.bias.any()

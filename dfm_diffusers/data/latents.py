@@ -350,6 +350,28 @@ class LatentShardDataset(torch.utils.data.Dataset):
             self._handles[index] = safe_open(shard_path(self.path, index), framework="pt")
         return self._handles[index]
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return _DTYPES[self.metadata.get("latents_dtype", "float32")]
+
+    def nbytes(self) -> int:
+        """Bytes of all latents as stored (what :meth:`read_all` returns)."""
+        return len(self) * self.channels * math.prod(self.latent_size) * self.stored_dtype.itemsize
+
+    def read_all(self, progress: bool = True) -> torch.Tensor:
+        """Every latent in one tensor [N, C, h, w] of the stored dtype, read shard by shard (a whole shard at a
+        time: no per-sample work). ``self[i]["latents"]`` equals ``read_all()[i].float()``."""
+        from tqdm.auto import tqdm
+
+        out = torch.empty((len(self), self.channels, *self.latent_size), dtype=self.stored_dtype)
+        num_shards = math.ceil(len(self) / self.shard_size)
+        for shard in tqdm(range(num_shards), desc="reading latent shards", unit="shard", disable=not progress):
+            start = shard * self.shard_size
+            rows = min(self.shard_size, len(self) - start)
+            with safe_open(shard_path(self.path, shard), framework="pt") as f:
+                out[start : start + rows] = f.get_slice("latents")[:rows]
+        return out
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} latents")

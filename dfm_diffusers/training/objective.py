@@ -206,7 +206,9 @@ def dfm_loss(
     return masked_stage_loss(stage_mse(model_output, targets), loss_mask, stage_loss_weights)
 
 
-def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict[str, tuple[float, float]]:
+def conditional_stage_losses(
+    mse: torch.Tensor, draw: DFMTrainingSigmas
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-stage losses over the samples they concern, as ``(sum, count)`` pairs that pool over steps.
 
     - ``mse_stage_<s>``: velocity MSE of stage s over the samples where it is in the loss (loss_mask 1, s <= s*):
@@ -214,17 +216,17 @@ def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict
       of 2, 90 % of them), so its curve is not a mostly-zero sawtooth.
     - ``mse_generating_stage_<k>`` (S > 1 only): MSE of stage k over the samples generating it (s* = k), i.e. at
       the sigmas of the stage's own sampling phase, without the previous-stage samples at small sigma.
-    Unweighted by ``stage_loss_weights``.
+    Unweighted by ``stage_loss_weights``. The values are 0-dim float64 tensors on ``mse``'s device (no host
+    sync: the training loop reads them every ``log_every`` steps).
     """
     mse = mse.detach().double()
     mask = draw.loss_mask.to(mse)
-    logs = {}
-    for s in range(mse.shape[1]):
-        logs[f"mse_stage_{s}"] = ((mse[:, s] * mask[:, s]).sum().item(), mask[:, s].sum().item())
+    sums, counts = (mse * mask).sum(dim=0), mask.sum(dim=0)
+    logs = {f"mse_stage_{s}": (sums[s], counts[s]) for s in range(mse.shape[1])}
     if mse.shape[1] > 1:
-        for k in range(mse.shape[1]):
-            current = (draw.stage == k).to(mse)
-            logs[f"mse_generating_stage_{k}"] = ((mse[:, k] * current).sum().item(), current.sum().item())
+        current = (draw.stage[:, None] == torch.arange(mse.shape[1], device=mse.device)).to(mse)  # [B, S]
+        sums, counts = (mse * current).sum(dim=0), current.sum(dim=0)
+        logs.update({f"mse_generating_stage_{k}": (sums[k], counts[k]) for k in range(mse.shape[1])})
     return logs
 
 
@@ -291,12 +293,14 @@ class DFMObjectiveOutput:
     mse: torch.Tensor  # [B, S] per-sample stage MSEs (see stage_mse)
 
     @property
-    def logs(self) -> dict[str, float | tuple[float, float]]:
-        """``loss_stage_<s>``: the terms that sum to the loss (floats); ``mse_stage_<s>`` and
-        ``mse_generating_stage_<k>``: the conditional per-stage losses as ``(sum, count)`` pairs
-        (:func:`conditional_stage_losses`; the training loop pools them over its log window)."""
-        logs: dict[str, float | tuple[float, float]] = {
-            f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))
+    def logs(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """``loss_stage_<s>``: the terms that sum to the loss; ``mse_stage_<s>`` and ``mse_generating_stage_<k>``:
+        the conditional per-stage losses as ``(sum, count)`` pairs (:func:`conditional_stage_losses`; the
+        training loop pools them over its log window). 0-dim tensors on the device: reading them is left to the
+        loop's log rows, so that a training step never waits for the device."""
+        per_stage = self.per_stage.detach()
+        logs: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {
+            f"loss_stage_{s}": per_stage[s] for s in range(len(self.targets))
         }
         logs.update(conditional_stage_losses(self.mse, self.draw))
         return logs

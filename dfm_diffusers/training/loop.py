@@ -321,7 +321,8 @@ def run_training(
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches pinned by the DataLoader go to the GPU without a host sync
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
     if lock is not None:
@@ -388,6 +389,7 @@ def _run_training(
         # a batched data set gathers whole batches of preloaded tensors: no per-sample work left for workers
         num_workers=0 if train_data.batched else config.dataloader_num_workers,
         collate_fn=already_collated if train_data.batched else collate_fn,
+        pin_memory=accelerator.device.type == "cuda" and not train_data.batched,
         # Its own generator: without one, every new iterator (each epoch, and the skip_first_batches one after a
         # resume) draws its worker base seed from the global torch RNG, shifting the training draws (noise,
         # sigmas, stages) of a resumed run away from those of an uninterrupted one.

@@ -34,6 +34,15 @@ class DFMTrainingSigmas:
         return self.stage + 1
 
 
+def small_tensor(values: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """A few numbers as a tensor on ``device``. A plain ``torch.tensor(..., device="cuda")`` waits for the device
+    (its host-to-device copy synchronizes the stream); this one is copied from pinned memory without waiting."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def default_stage_weights(num_stages: int) -> list[float]:
     """The paper's stage weights: [0.9, 0.1] for 2 stages; otherwise 0.9 on stage 0, the rest shared."""
     if num_stages == 1:
@@ -117,7 +126,7 @@ def sample_dfm_training_sigmas(
         stage = torch.full((batch_size,), num_stages - 1, dtype=torch.long, device=draw_device)
         sigmas = draw(logit_mean, logit_std, batch_size)[:, None].repeat(1, num_stages)
     else:
-        probs = torch.tensor(weights, dtype=torch.float32, device=draw_device)
+        probs = small_tensor(weights, torch.float32, draw_device)
         count = batch_size if stage_sampling == "per_sample" else 1
         stage = torch.multinomial(probs, count, replacement=True, generator=generator).expand(batch_size)
         current = draw(logit_mean, logit_std, batch_size)
@@ -185,7 +194,9 @@ def masked_stage_loss(
     weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
     if len(weights) != num_stages:
         raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
-    per_stage = (mse * loss_mask.to(mse)).mean(dim=0) * torch.tensor(weights, dtype=mse.dtype, device=mse.device)
+    per_stage = (mse * loss_mask.to(mse)).mean(dim=0)
+    if any(w != 1.0 for w in weights):
+        per_stage = per_stage * small_tensor(weights, mse.dtype, mse.device)
     return per_stage.sum(), per_stage
 
 

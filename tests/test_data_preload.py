@@ -181,3 +181,18 @@ def test_training_on_preloaded_data_gives_the_weights_of_per_sample_training_and
     assert [r["loss"] for r in log_c] == [r["loss"] for r in log_b]
     assert all(torch.equal(resumed[k], preloaded[k]) for k in resumed)
     assert all(r["data_wait_s"] >= 0 for r in log_b)
+
+
+def test_latents_written_from_tensors_read_back_as_shards(tmp_path):
+    from dfm_diffusers.data import write_latent_shards
+
+    latents, labels = torch.randn(10, 4, 8, 8).to(torch.float16), torch.arange(10) % 3
+    meta = write_latent_shards(tmp_path / "z", latents, labels, 64, shard_size=4)
+    shards = LatentShardDataset(tmp_path / "z")
+    assert (meta["num_shards"], len(shards), shards.num_classes, shards.latent_size) == (3, 10, 3, (8, 8))
+    assert all(torch.equal(shards[i]["latents"], latents[i].float()) and shards[i]["class_labels"] == labels[i]
+               for i in range(10))
+    with pytest.raises(ValueError, match="not empty"):
+        write_latent_shards(tmp_path / "z", latents, labels, 64)
+    with pytest.raises(ValueError, match=r"need latents \[N, C, h, w\]"):
+        write_latent_shards(tmp_path / "w", latents[0], labels, 64)

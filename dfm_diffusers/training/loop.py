@@ -54,7 +54,7 @@ from ..data.seeded import SeededSamples, already_collated  # noqa: F401  (Seeded
 from ..utils import configure_attention_backends
 from .config import did_you_mean, finite, positive_int, require, setting
 from .log_window import LogWindow
-from .steps import DataClock, StepVerdict, nonfinite_flags, set_found_inf, skips_on_device
+from .steps import DataClock, StepVerdict, nonfinite_flags, skips_on_device, step_on_device
 from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_path, CHECKPOINT_RE: public here too)
     CHECKPOINT_RE,
     EMA_FILE,
@@ -542,8 +542,11 @@ def _run_training(
     # deferred: a step's update is dropped on the device when it is not finite (fused AdamW's found_inf) and the
     # host reads the verdict during the next step (steps.py); the lr schedule, EMA and counters follow it then
     deferred = (config.nonfinite_check == "deferred" and skips_on_device(optimizer) and accelerator.scaler is None
-                and not fsdp)
+                and not fsdp and accelerator.distributed_type != DistributedType.XLA)
     pending = None
+    # looked up once: walking the modules (and accelerate's unwrap_model) every step costs milliseconds of host time
+    clip_params = list(model.parameters())
+    ema_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
 
     def settle(verdict: StepVerdict):
         """The host's part of an optimizer step once its verdict is read: lr schedule, EMA, counters, log row."""
@@ -554,7 +557,7 @@ def _run_training(
             lr_scheduler.step()
             nonfinite["consecutive_nonfinite_steps"] = 0
             if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
-                ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+                ema.step(ema_params)
             window.add({"loss": verdict.loss, **verdict.logs})  # a skipped step's NaN/inf would poison the means
         else:
             nonfinite["nonfinite_steps"] += 1
@@ -605,7 +608,7 @@ def _run_training(
                             p.grad = None
                     # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
                     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    grad_norm = accelerator.clip_grad_norm_(clip_params, max_norm)
                     flags = nonfinite_flags(accelerator, nonfinite_loss, grad_norm)
                     nonfinite_loss.zero_()
                     if pending is not None:  # the previous step's verdict, read while this step's work is queued
@@ -614,9 +617,8 @@ def _run_training(
                     verdict = StepVerdict(global_step + 1, flags, accelerator.gather(loss.detach()[None]).mean(),
                                           logs, grad_norm)
                     last_loss = verdict.loss
-                    if deferred:
-                        set_found_inf(optimizer, flags)
-                        optimizer.step()
+                    if deferred:  # (accelerate's optimizer.step adds only checks that do not apply here)
+                        step_on_device(optimizer, flags)
                     elif verdict.read()[0]:
                         optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

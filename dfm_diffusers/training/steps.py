@@ -63,11 +63,12 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(inner, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in inner.param_groups)
 
 
-def set_found_inf(optimizer, flags: torch.Tensor) -> None:
-    """The next ``optimizer.step()`` of a fused Adam / AdamW does nothing where ``flags`` (from
-    :func:`nonfinite_flags`) mark the step as non-finite."""
+def step_on_device(optimizer, flags: torch.Tensor) -> None:
+    """A fused Adam / AdamW step that does nothing (no parameter, moment or step-count change) where ``flags``
+    (from :func:`nonfinite_flags`) mark the step as non-finite; decided on the device, no host sync."""
     inner = getattr(optimizer, "optimizer", optimizer)
     inner.found_inf = (flags.sum() > 0).float()
+    inner.step()
 
 
 class StepVerdict:

@@ -366,7 +366,7 @@ def summary(suite: str, rows: dict[str, dict]) -> str:
             other = rows.get(f"{res}.fm.{mode}") if kind == "dfm" else None
             ratio = f"{r['s_per_step'] / other['s_per_step']:.3f}" if other else ""
             lines.append(f"| {r.get('tokens', '')} | {r['model']} | {mode} | {r['batch']} | {r['s_per_step']:.4f} | "
-                         f"{r['batch'] / r['s_per_step']:.1f} | {tflop or 0:.2f} | {mfu} | {ratio} |")
+                         f"{r['batch'] / r['s_per_step']:.1f} | {tflop or 0:.3g} | {mfu} | {ratio} |")
     else:
         lines += ["| data | path | workers | samples / s | s / batch |", "|---|---|---|---|---|"]
         for name, r in rows.items():

@@ -21,7 +21,8 @@ Arms:
   - ``bare``: the same model, optimizer (fused AdamW on CUDA) and DiTTask loss on one random batch already on the
     device: forward + loss + backward + optimizer step, timed over ``--steps`` steps with one synchronization at
     each end; no clipping, EMA, logging or data.
-  - ``*_compile``: ``torch.compile`` of the model (``torch_compile: true``) in the trainer or the bare loop.
+  - ``*_compile``: ``torch.compile`` of the model (``torch_compile: true``) in the trainer or the bare loop;
+    ``trainer_compile_objective``: of the whole loss, objective and model in one graph (``torch_compile_objective``).
   - MFU = model FLOPs of one step (forward + backward, counted by torch.utils.flop_counter on the bare step) /
     s per step / ``--peak-tflops`` (989: H100/H200 dense bf16).
 Fashion-MNIST comes from /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist); without it a
@@ -73,11 +74,12 @@ def settings(small: bool) -> dict:
 
 def arms(small: bool) -> dict[str, list[str]]:
     xl = [f"xl{res}.{m}.{mode}" for res in (256, 512) for m in ("fm", "dfm")
-          for mode in ("bare", "bare_compile", "trainer_compile")]
+          for mode in ("bare", "bare_compile", "trainer_compile", "trainer_compile_objective")]
     if small:  # (compiling on the CPU takes minutes and is off in the trainer there)
         xl = [a for a in xl if "compile" not in a] + [f"xl{res}.{m}.trainer" for res in (256, 512) for m in ("fm", "dfm")]
     loop = [f"{d}.{mode}" for d in ("s2_fmnist", "b2_latents")
-            for mode in ("bare", "trainer", "trainer_per_sample") + (() if small else ("bare_compile", "trainer_compile"))]
+            for mode in ("bare", "trainer", "trainer_per_sample")
+            + (() if small else ("bare_compile", "trainer_compile", "trainer_compile_objective"))]
     data = [f"{d}.{mode}" for d in ("fmnist", "latents") for mode in ("per_sample_w0", "per_sample_w4", "preloaded")]
     return {"loop": loop, "xl": xl, "data": data}
 
@@ -142,7 +144,7 @@ def dit_config(args, arm: str, output_dir: str):
     cuda = args.device.startswith("cuda")
     common = dict(output_dir=output_dir, mixed_precision="bf16" if cuda else "no", report_to="none", log_every=10,
                   checkpointing_steps=0, validation_steps=0, stage_scales=None, learning_rate=1e-4,
-                  torch_compile="compile" in mode, preload="off" if "per_sample" in mode else "auto",
+                  torch_compile="compile" in mode, torch_compile_objective="compile_objective" in mode, preload="off" if "per_sample" in mode else "auto",
                   dataloader_num_workers=4 if "per_sample" in mode else 0, seed=0)
     if group == "s2_fmnist":
         c = s["s2"]
@@ -350,7 +352,7 @@ def summary(suite: str, rows: dict[str, dict]) -> str:
         lines += ["| data | arm | s / step | it / s | data wait s / step | trainer / bare |", "|---|---|---|---|---|---|"]
         for name, r in rows.items():
             data, mode = name.split(".")
-            bare = rows.get(f"{data}.bare_compile" if "compile" in mode else f"{data}.bare")
+            bare = rows.get(f"{data}.bare_compile" if "compile" in mode else f"{data}.bare")  # (vs the compiled model)
             ratio = f"{r['s_per_step'] / bare['s_per_step']:.3f}" if bare and r["kind"] == "trainer" else ""
             lines.append(f"| {data} | {mode} | {r['s_per_step']:.4f} | {r['it_per_s']:.2f} | "
                          f"{r.get('data_wait_s', 0):.4f} | {ratio} |")

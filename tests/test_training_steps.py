@@ -165,8 +165,11 @@ def test_torch_compile_is_off_on_the_cpu(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", refuse)
     with caplog.at_level(logging.WARNING):
         result = run_training(config(tmp_path, max_train_steps=2, checkpointing_steps=0, torch_compile=True,
-                                     torch_compile_mode="max-autotune-no-cudagraphs"), make_model(), Regression(), mse)
+                                     torch_compile_objective=True, torch_compile_mode="max-autotune-no-cudagraphs"),
+                              make_model(), Regression(), mse)
     assert result["global_step"] == 2 and "torch_compile is off on the CPU" in caplog.text
+    assert config(tmp_path, torch_compile_objective=True).validate() == [
+        "torch_compile_objective: needs torch_compile: true"]
 
 
 @pytest.mark.gpu

@@ -108,6 +108,10 @@ class LoopConfig:
     torch_compile_mode: str | None = setting(
         None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default mode)"
     )
+    torch_compile_objective: bool = setting(
+        False, "with torch_compile: compile the whole loss (the DFM objective around the model; one graph for the "
+        "DiT trainer) instead of the model alone"
+    )
     nonfinite_check: Literal["deferred", "every_step"] = setting(
         "deferred", "when the host reads whether a step's loss and gradient norm were finite: deferred (one step "
         "later, the update dropped on the device; needs the fused AdamW, else every_step) or every_step (a host "
@@ -147,6 +151,8 @@ class LoopConfig:
         problems += finite(self, "adam_beta1", "adam_beta2", low=0.0, high=1.0, high_open=True)
         problems += finite(self, "adam_weight_decay", "max_grad_norm", low=0.0)
         problems += finite(self, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        problems += require(not self.torch_compile_objective or self.torch_compile, "torch_compile_objective",
+                            "needs torch_compile: true")
         problems += require(
             self.lr_scheduler in schedulers, "lr_scheduler",
             f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}"
@@ -412,7 +418,11 @@ def _run_training(
     if config.torch_compile and accelerator.device.type == "cpu":
         logger.warning("torch_compile is off on the CPU (compiling takes longer than it saves here)")
     elif config.torch_compile:
-        model = torch.compile(model, **({"mode": config.torch_compile_mode} if config.torch_compile_mode else {}))
+        compile_kwargs = {"mode": config.torch_compile_mode} if config.torch_compile_mode else {}
+        if config.torch_compile_objective:  # the model's forward is traced inside the loss's graph
+            loss_fn = torch.compile(loss_fn, **compile_kwargs)
+        else:
+            model = torch.compile(model, **compile_kwargs)
 
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers(config.tracker_project_name, config=hparams or {})

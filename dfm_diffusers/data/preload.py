@@ -12,6 +12,7 @@ docs/training_speed.md has the why and the measurements.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import torch
@@ -119,12 +120,12 @@ def _device_memory(device: torch.device) -> int | None:
 
 
 def _available_ram() -> int | None:
+    """Available RAM for this process's copy: shared by the training processes of this machine (each keeps one)."""
     try:
         import psutil
-
-        return int(psutil.virtual_memory().available)
     except ImportError:  # pragma: no cover - psutil comes with accelerate
         return None
+    return int(psutil.virtual_memory().available) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class _Decoded(torch.utils.data.Dataset):
@@ -170,7 +171,8 @@ def preload_dataset(dataset, mode: str = "auto", num_workers: int = 0, progress:
         mode: "off" (per-sample reads), "cpu" (in RAM), "device" (on the training device, moved there by the
             training loop through :meth:`PreloadedDataset.place`), or "auto": "device" if the data takes at most
             AUTO_DEVICE_FRACTION of the device's memory, else RAM if at most AUTO_RAM_FRACTION of the available
-            RAM, else off; also off for data sets that cannot be preloaded.
+            RAM (divided among the training processes of the machine: each keeps a copy), else off; also off for
+            data sets that cannot be preloaded.
         num_workers: DataLoader workers decoding the images.
 
     Preloadable: ImageDataset with center crops (random crops differ per epoch) and LatentShardDataset.

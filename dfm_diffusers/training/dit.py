@@ -49,7 +49,8 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     preload: Literal["auto", "device", "cpu", "off"] = setting(
         "auto", "decode the data set once and keep it as tensors, read a batch at a time: device (in GPU memory), "
         "cpu (in RAM), auto (device when it takes <= 20% of the GPU memory, else RAM when <= half the free RAM, "
-        "else off) or off (samples read one by one). The samples are the same either way"
+        "else off) or off (samples read one by one). The samples are the same either way; preloaded batches are "
+        "read in the training process (dataloader_num_workers then only decode the preload)"
     )
     max_bad_sample_fraction: float = setting(
         0.05, "unreadable images are skipped (each named) up to this fraction of the data set"

@@ -49,6 +49,8 @@ def nonfinite_flags(accelerator, nonfinite_loss: torch.Tensor, grad_norm) -> tor
     if accelerator.scaler is not None or grad_norm is None:
         grad_bad = torch.zeros((), device=device)
     elif torch.is_tensor(grad_norm):
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2's DTensor norm (a collective, no host sync)
+            grad_norm = grad_norm.full_tensor()
         grad_bad = (~torch.isfinite(grad_norm.detach())).to(device=device, dtype=torch.float32)
     else:  # a float (e.g. DeepSpeed)
         grad_bad = torch.tensor(float(not math.isfinite(grad_norm)), device=device)

@@ -1,7 +1,12 @@
 """FLUX.1-dev finetuning at real scale (issue 11): peak memory, step time and MFU of train_dfm_flux's own code paths.
 
     python bench/bench_flux_finetune.py --out <dir> --modes full lora16 lora64 lora16_fm full_fm   # GPU
+    python bench/bench_flux_finetune.py --out <dir> --modes lora16 --batches 1 2 4 8 --checkpointing both  # batch
     python bench/bench_flux_finetune.py --out <dir> --small --device cpu --modes lora16 full       # sanity run
+
+Every (mode, batch, checkpointing) arm writes <dir>/<mode>_b<batch>[_nockpt].json when it finishes and is skipped
+when that file exists: rerunning a stopped command goes on where it stopped. An arm that runs out of GPU memory
+records ``"oom": true`` (and where: the bare or the trainer step).
 
 Random weights at the FLUX.1-dev configuration (no weights exist offline; memory and time are the same). Each mode
 runs in its own process (clean peak memory). What is run is the trainer's code, not a re-implementation:
@@ -17,7 +22,8 @@ runs in its own process (clean peak memory). What is run is the trainer's code, 
     time / 989 TFLOP/s (H100/H200 dense bf16).
 Modes: full (full finetune, 8-bit AdamW, gradient checkpointing), lora16 / lora64 (LoRA rank 16 / 64 on the bf16
 base, gradient checkpointing), qlora_nf4 / qlora_int8 (``quantize_base``, when the trainer has it), and *_fm (the
-same with ``num_stages 1``: plain FLUX finetuning). Writes <out>/<mode>.json and prints a markdown table.
+same with ``num_stages 1``: plain FLUX finetuning). ``--checkpointing off`` trains without gradient checkpointing
+(more memory, no recomputation). Prints a markdown table: peak memory, s/step, samples/s, MFU.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ MODES = {
     "qlora_int8": dict(lora=True, lora_rank=16, num_stages=2, quantize_base="int8"),
 }
 PEAK_TFLOPS = 989.0
+PHASE = ["setup"]  # what run_mode is doing (recorded with an out-of-memory error)
 
 
 def build_on(device, dtype, make):
@@ -115,13 +122,15 @@ def run_mode(args, mode: str) -> dict:
     config = FluxTrainingConfig(
         output_dir=os.path.join(args.out, "runs", mode), pretrained=f"random/flux-dev-config{'-small' if args.small else ''}",
         dataset=data_dir, resolution=res, train_batch_size=args.batch, max_train_steps=args.warmup + args.steps,
-        mixed_precision="bf16" if cuda else "no", gradient_checkpointing=True, checkpointing_steps=0,
+        mixed_precision="bf16" if cuda else "no", gradient_checkpointing=args.checkpointing == "on",
+        checkpointing_steps=0,
         validation_steps=0, report_to="none", log_every=1, learning_rate=1e-5, cache_latents=True,
         cache_dir=os.path.join(args.out, "cache"), cache_batch_size=args.cache_batch, caption_dropout=0.1,
         weight_dtype="bfloat16" if cuda else "float32", max_sequence_length=512 if not args.small else 32,
         **settings,
     )
-    result = dict(mode=mode, num_stages=num_stages, resolution=res, batch=args.batch, **settings)
+    result = dict(mode=mode, num_stages=num_stages, resolution=res, batch=args.batch,
+                  gradient_checkpointing=config.gradient_checkpointing, **settings)
 
     torch.manual_seed(0)
     flux = build_flux(tcfg, device, dtype, seed=0)
@@ -191,9 +200,11 @@ def run_mode(args, mode: str) -> dict:
     call = dict(hidden_states=inputs, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=sigmas,
                 num_active_stages=torch.full((b,), num_stages, device=device), txt_ids=torch.zeros(embeds.shape[1], 3,
                 device=device), guidance=torch.ones(b, device=device))
-    transformer.enable_gradient_checkpointing()
+    if config.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
     transformer.train()
-    optimizer = make_optimizer([p for p in transformer.parameters() if p.requires_grad], config)
+    optimizer = make_optimizer([p for p in transformer.parameters() if p.requires_grad], config,
+                               fused=cuda and not config.use_8bit_adam)  # (as the trainer's default on CUDA)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def bare_step():
@@ -204,6 +215,7 @@ def run_mode(args, mode: str) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    PHASE[0] = "bare step"
     times = []
     for i in range(args.warmup + args.steps):
         sync()
@@ -228,6 +240,7 @@ def run_mode(args, mode: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
 
     # the trainer step (the shared loop; gradient checkpointing, optimizer and autocast as configured)
+    PHASE[0] = "trainer step"
     config.resume_from_checkpoint = None
     train = run_training(config, transformer, dataset, task.loss_fn)
     per_step = [1 / row["it_per_s"] for row in train["log"] if row["step"] > args.warmup]
@@ -238,8 +251,13 @@ def run_mode(args, mode: str) -> dict:
         result["device"] = torch.cuda.get_device_name(device)
     result["trainer_over_bare"] = result["trainer_step_s"] / result["bare_step_s"]
     result["trainer_mfu"] = result["model_tflop_per_step"] / result["trainer_step_s"] / PEAK_TFLOPS
+    result["samples_per_s"] = args.batch / result["trainer_step_s"]
     result.update(torch=torch.__version__, diffusers=diffusers.__version__)
     return result
+
+
+def arm_name(mode: str, batch: int, checkpointing: str) -> str:
+    return f"{mode}_b{batch}" + ("" if checkpointing == "on" else "_nockpt")
 
 
 def main(argv=None):
@@ -250,43 +268,65 @@ def main(argv=None):
     parser.add_argument("--small", action="store_true", help="tiny configs and 64px (sanity run)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1], help="batch sizes, one arm each")
+    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="on",
+                        help="gradient checkpointing (both: one arm each)")
     parser.add_argument("--images", type=int, default=64, help="synthetic images in the cache build")
     parser.add_argument("--cache-batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--in-process", action="store_true", help="run the single given mode in this process")
+    parser.add_argument("--in-process", action="store_true", help="run the single given arm in this process")
     args = parser.parse_args(argv)
     args.resolution = args.resolution or (64 if args.small else 1024)
     os.makedirs(args.out, exist_ok=True)
     if args.in_process:
-        (mode,) = args.modes
-        result = run_mode(args, mode)
-        with open(os.path.join(args.out, f"{mode}.json"), "w") as f:
+        (mode,), (args.batch,) = args.modes, args.batches
+        try:
+            result = run_mode(args, mode)
+        except torch.OutOfMemoryError as err:  # recorded: the batch does not fit
+            result = dict(mode=mode, batch=args.batch, gradient_checkpointing=args.checkpointing == "on", oom=True,
+                          where=PHASE[0], error=str(err)[:400])
+        path = os.path.join(args.out, arm_name(mode, args.batch, args.checkpointing) + ".json")
+        with open(path + ".tmp", "w") as f:
             json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
         return
     rows = []
+    checkpointing = ["on", "off"] if args.checkpointing == "both" else [args.checkpointing]
     for mode in args.modes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--device", args.device, "--in-process",
-               "--modes", mode, *(["--small"] if args.small else [])]
-        for name in ("resolution", "batch", "images", "cache_batch", "warmup", "steps"):
-            cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        code = subprocess.call(cmd)
-        path = os.path.join(args.out, f"{mode}.json")
-        if code != 0 or not os.path.isfile(path):
-            print(f"{mode}: failed (exit {code})", flush=True)
-            continue
-        with open(path) as f:
-            rows.append(json.load(f))
-    print("\n| mode | stages | trainable M | trainer peak GiB | trainer s/step | bare s/step | trainer / bare | MFU (bare) |")
-    print("|---|---|---|---|---|---|---|---|")
+        for ckpt in checkpointing:
+            for batch in args.batches:
+                path = os.path.join(args.out, arm_name(mode, batch, ckpt) + ".json")
+                if not os.path.isfile(path):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--device", args.device,
+                           "--in-process", "--modes", mode, "--batches", str(batch), "--checkpointing", ckpt,
+                           *(["--small"] if args.small else [])]
+                    for name in ("resolution", "images", "cache_batch", "warmup", "steps"):
+                        cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+                    code = subprocess.call(cmd)
+                    if code != 0 or not os.path.isfile(path):
+                        print(f"{arm_name(mode, batch, ckpt)}: failed (exit {code})", flush=True)
+                        continue
+                with open(path) as f:
+                    rows.append(json.load(f))
+    print("\n| mode | stages | batch | ckpt | trainable M | trainer peak GiB | trainer s/step | samples/s | bare s/step "
+          "| trainer / bare | MFU (bare) | MFU (trainer) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['num_stages']} | {r['trainable_params'] / 1e6:.1f} | {r.get('trainer_peak_gib', 0):.1f} "
-              f"| {r['trainer_step_s']:.3f} | {r['bare_step_s']:.3f} | {r['trainer_over_bare']:.3f} | {r['mfu']:.1%} |")
-    by_mode = {r["mode"]: r for r in rows}
-    for dfm, fm in (("full", "full_fm"), ("lora16", "lora16_fm")):
-        if dfm in by_mode and fm in by_mode:
-            print(f"DFM / FM trainer step, {dfm}: {by_mode[dfm]['trainer_step_s'] / by_mode[fm]['trainer_step_s']:.4f}")
+        if r.get("oom"):
+            print(f"| {r['mode']} | | {r['batch']} | {'on' if r['gradient_checkpointing'] else 'off'} | | out of memory "
+                  f"({r['where']}) | | | | | | |")
+            continue
+        print(f"| {r['mode']} | {r['num_stages']} | {r['batch']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+              f"| {r['trainable_params'] / 1e6:.1f} | {r.get('trainer_peak_gib', 0):.1f} | {r['trainer_step_s']:.3f} "
+              f"| {r['samples_per_s']:.2f} | {r['bare_step_s']:.3f} | {r['trainer_over_bare']:.3f} | {r['mfu']:.1%} "
+              f"| {r['trainer_mfu']:.1%} |")
+    by_arm = {(r["mode"], r["batch"], r.get("gradient_checkpointing")): r for r in rows if not r.get("oom")}
+    for (mode, batch, ckpt), r in by_arm.items():
+        fm = by_arm.get((f"{mode}_fm", batch, ckpt))
+        if fm:
+            print(f"DFM / FM trainer step, {mode} batch {batch} gradient checkpointing {'on' if ckpt else 'off'}: "
+                  f"{r['trainer_step_s'] / fm['trainer_step_s']:.4f}")
     for r in rows:
         if "cache_images_per_s" in r:
             print(f"cache build: {r['cache_images_per_s']:.2f} images/s ({r['cache_images']} images, batch "

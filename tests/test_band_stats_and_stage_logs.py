@@ -208,7 +208,10 @@ def test_objective_logs_are_the_masked_means_of_its_own_errors():
         # the term summed into the loss stays the weighted masked mean over the whole batch
         w = [1.0, 0.5][s]
         assert logs[f"loss_stage_{s}"] == pytest.approx(w * (err * active).mean().item(), rel=1e-5)
-    assert out.loss.item() == pytest.approx(logs["loss_stage_0"] + logs["loss_stage_1"], rel=1e-6)
+    assert out.loss.item() == pytest.approx(float(logs["loss_stage_0"] + logs["loss_stage_1"]), rel=1e-6)
+    # 0-dim tensors, not floats: reading them would make every training step wait for the device
+    assert all(torch.is_tensor(v) and v.ndim == 0 for value in logs.values()
+               for v in (value if isinstance(value, tuple) else (value,)))
 
 
 def test_log_window_averages_floats_and_pools_pairs():

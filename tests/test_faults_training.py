@@ -86,10 +86,11 @@ def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- non-finite steps
 
 
-@pytest.mark.parametrize("accumulation", [1, 2])
-def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(tmp_path, accumulation):
+@pytest.mark.parametrize("accumulation,fused", [(1, False), (2, False), (1, True), (2, True)])
+def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(tmp_path, accumulation, fused):
     """One inf sample: the (accumulated) step holding it is skipped - no optimizer, lr or EMA update, gradients
-    dropped - logged with the counter, and training goes on; everything saved stays finite."""
+    dropped - logged with the counter, and training goes on; everything saved stays finite. With the fused AdamW
+    the update is dropped on the device (found_inf) and the verdict read afterwards (nonfinite_check deferred)."""
     poisoned_steps, micro = [], []
 
     def loss_fn(model, batch):
@@ -101,7 +102,7 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(tmp_path, accumula
 
     steps = 8
     cfg = config(tmp_path, max_train_steps=steps, gradient_accumulation_steps=accumulation,
-                 train_batch_size=8 // accumulation, lr_scheduler="linear", checkpointing_steps=steps)
+                 train_batch_size=8 // accumulation, lr_scheduler="linear", checkpointing_steps=steps, adam_fused=fused)
     model = make_model()
     result = run_training(cfg, model, Regression(poisoned=[5]), loss_fn)
 
@@ -131,7 +132,8 @@ def test_a_step_with_a_non_finite_loss_is_skipped_and_counted(tmp_path, accumula
     assert all_finite(checkpoint_tensors(ckpt).values())
 
 
-def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, fused):
     """From step 8 on every loss is NaN: steps 8, 9, 10 are skipped, the third in a row stops the run with an error
     naming step 10; the save due at step 9 is not written (it would rotate out a good one); no export."""
     calls, exported = [], []
@@ -141,7 +143,7 @@ def test_consecutive_non_finite_steps_stop_the_run_and_keep_the_last_good_checkp
         loss, logs = mse(model, batch)
         return (loss * float("nan") if len(calls) >= 8 else loss), logs
 
-    cfg = config(tmp_path, max_train_steps=20, checkpointing_steps=3, checkpoints_total_limit=2)
+    cfg = config(tmp_path, max_train_steps=20, checkpointing_steps=3, checkpoints_total_limit=2, adam_fused=fused)
     model = make_model()
     with pytest.raises(NonFiniteLossError, match=r"step 10: 3 consecutive steps with a non-finite loss") as info:
         run_training(cfg, model, Regression(), loss_fn, export_fn=lambda m, folder: exported.append(folder))

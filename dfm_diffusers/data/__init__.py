@@ -16,7 +16,16 @@ from .fashion_mnist import (
     read_idx,
 )
 from .image_dataset import ImageDataset, build_image_dataset, preprocess_image
-from .latents import LATENT_METADATA_FILE, LatentShardDataset, encode_images, encode_latent_shards, is_latent_dir
+from .latents import (
+    LATENT_METADATA_FILE,
+    LatentShardDataset,
+    encode_images,
+    encode_latent_shards,
+    is_latent_dir,
+    write_latent_shards,
+)
+from .preload import PRELOAD_MODES, PreloadedDataset, preload_dataset
+from .seeded import SeededSamples
 
 __all__ = [
     "STAGE_SCALE_MODES",
@@ -33,9 +42,14 @@ __all__ = [
     "ImageDataset",
     "LATENT_METADATA_FILE",
     "LatentShardDataset",
+    "PRELOAD_MODES",
+    "PreloadedDataset",
+    "SeededSamples",
     "build_image_dataset",
     "encode_images",
     "encode_latent_shards",
+    "write_latent_shards",
+    "preload_dataset",
     "is_latent_dir",
     "load_fashion_mnist",
     "preprocess_image",

@@ -56,19 +56,17 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
-def preprocess_image(
+def image_to_uint8(
     image,
     resolution: int | tuple[int, int],
     channels: int,
     center_crop: bool = True,
-    flip: bool = False,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Resize (bicubic, antialiased) to cover ``resolution`` (an int: a square; or (height, width), an aspect
-    bucket), crop it (center or random), flip horizontally if asked, and scale to [-1, 1].
-    -> float32 [channels, height, width].
+    bucket) and crop it (center, or random from ``generator`` / torch's CPU RNG). -> uint8 [channels, height, width].
 
-    ``channels`` 1 converts to grayscale ("L"), 3 to RGB.
+    ``channels`` 1 converts to grayscale ("L"), 3 to RGB. :func:`uint8_to_pixels` scales the result to [-1, 1].
     """
     image = to_8bit(to_pil(image))
     if channels not in (1, 3):
@@ -91,7 +89,29 @@ def preprocess_image(
     array = np.asarray(image, dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def uint8_to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float32 in [-1, 1] (``x / 127.5 - 1``; the same values on every device)."""
+    return images.float() / 127.5 - 1.0
+
+
+def preprocess_image(
+    image,
+    resolution: int | tuple[int, int],
+    channels: int,
+    center_crop: bool = True,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Resize (bicubic, antialiased) to cover ``resolution`` (an int: a square; or (height, width), an aspect
+    bucket), crop it (center or random), flip horizontally if asked, and scale to [-1, 1].
+    -> float32 [channels, height, width].
+
+    ``channels`` 1 converts to grayscale ("L"), 3 to RGB.
+    """
+    pixels = uint8_to_pixels(image_to_uint8(image, resolution, channels, center_crop, generator))
     return pixels.flip(-1) if flip else pixels
 
 
@@ -162,6 +182,18 @@ class ImageDataset(ReplaceUnreadable, torch.utils.data.Dataset):
                 self._get_image(i), self.resolution, self.channels, center_crop=self.center_crop, flip=flip
             )
             return dict(pixel_values=pixels, class_labels=self.class_labels[i])
+
+        return self.load_replacing(index, load)
+
+    def decoded(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What ``self[index]`` holds before scaling and flipping: (uint8 [C, R, R], class label, index of the
+        image used: ``index`` or, if it is unreadable, its replacement). Needs ``center_crop`` (no random draw)."""
+        if not self.center_crop:
+            raise ValueError("decoded() keeps one copy per image: it needs center_crop (random crops differ per epoch)")
+
+        def load(i):
+            image = image_to_uint8(self._get_image(i), self.resolution, self.channels, center_crop=True)
+            return image, self.class_labels[i], i
 
         return self.load_replacing(index, load)
 

@@ -82,6 +82,61 @@ def _shard_is_complete(path: str, start: int, count: int) -> bool:
     return meta.get("start") == str(start) and meta.get("count") == str(count) and {"latents", "class_labels"} <= keys
 
 
+def _save_shard(output_dir: str, shard: int, start: int, latents: torch.Tensor, labels: torch.Tensor) -> None:
+    """Write one shard under a temporary name, then rename it (a killed write leaves no shard)."""
+    tmp = f"{shard_path(output_dir, shard)}.tmp-{os.getpid()}"
+    save_file(
+        {"latents": latents.contiguous(), "class_labels": labels.long().contiguous()}, tmp,
+        metadata={"format": LATENT_FORMAT, "start": str(start), "count": str(len(latents))},
+    )
+    os.replace(tmp, shard_path(output_dir, shard))
+
+
+def write_latent_shards(
+    output_dir: str | os.PathLike,
+    latents: torch.Tensor,
+    class_labels: torch.Tensor,
+    resolution: int,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    shard_size: int = 1024,
+    scaling_factor: float = 1.0,
+    shift_factor: float = 0.0,
+    vae: str = "unknown",
+) -> dict:
+    """Latents already in the training space (``(z - shift_factor) * scaling_factor``; encoded elsewhere, or
+    synthetic for a benchmark) as a shard folder :class:`LatentShardDataset` reads; stored in ``latents``' dtype.
+
+    Args:
+        latents: [N, C, h, w] (float32, float16 or bfloat16); class_labels: [N] ints.
+        resolution: of the images they stand for; num_classes: default max label + 1.
+    Returns the metadata written to ``dfm_latents.json``. Raises ValueError for bad shapes or a non-empty folder.
+    """
+    dtype_name = {v: k for k, v in _DTYPES.items()}.get(latents.dtype)
+    if latents.ndim != 4 or dtype_name is None or class_labels.shape != (len(latents),) or not len(latents):
+        raise ValueError(f"need latents [N, C, h, w] ({list(_DTYPES)}) and labels [N], got {latents.dtype} "
+                         f"{tuple(latents.shape)} and {tuple(class_labels.shape)}")
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if os.listdir(output_dir):
+        raise ValueError(f"{output_dir} is not empty; write latent shards into a new folder")
+    count = len(latents)
+    num_shards = math.ceil(count / shard_size)
+    for shard in range(num_shards):
+        start = shard * shard_size
+        _save_shard(output_dir, shard, start, latents[start : start + shard_size], class_labels[start : start + shard_size])
+    metadata = dict(
+        format=LATENT_FORMAT, version=LATENT_FORMAT_VERSION, complete=True, count=count, num_shards=num_shards,
+        shard_size=shard_size, num_classes=int(num_classes if num_classes is not None else class_labels.max() + 1),
+        class_names=list(class_names) if class_names is not None else None, resolution=resolution,
+        image_channels=None, vae=vae, vae_subfolder=None, scaling_factor=scaling_factor, shift_factor=shift_factor,
+        latent_channels=latents.shape[1], latent_size=list(latents.shape[2:]), latents_dtype=dtype_name,
+        encoding=dict(source="tensors"),
+    )
+    _write_json_atomic(os.path.join(output_dir, LATENT_METADATA_FILE), metadata)
+    return metadata
+
+
 # ------------------------------------------------------------------------------------------------------ encoding
 
 
@@ -259,12 +314,7 @@ def encode_latent_shards(
             lat = torch.cat([x for x, _ in buffers[shard]]).to(save_dtype).contiguous()
             lab = torch.cat([y for _, y in buffers.pop(shard)]).contiguous()
             assert len(lat) == end - start
-            tmp = f"{shard_path(output_dir, shard)}.tmp-{os.getpid()}"
-            save_file(
-                {"latents": lat, "class_labels": lab}, tmp,
-                metadata={"format": LATENT_FORMAT, "start": str(start), "count": str(end - start)},
-            )
-            os.replace(tmp, shard_path(output_dir, shard))
+            _save_shard(output_dir, shard, start, lat, lab)
             metadata.update(latent_channels=lat.shape[1], latent_size=list(lat.shape[2:]))
     bar.close()
 
@@ -349,6 +399,28 @@ class LatentShardDataset(torch.utils.data.Dataset):
         if index not in self._handles:
             self._handles[index] = safe_open(shard_path(self.path, index), framework="pt")
         return self._handles[index]
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return _DTYPES[self.metadata.get("latents_dtype", "float32")]
+
+    def nbytes(self) -> int:
+        """Bytes of all latents as stored (what :meth:`read_all` returns)."""
+        return len(self) * self.channels * math.prod(self.latent_size) * self.stored_dtype.itemsize
+
+    def read_all(self, progress: bool = True) -> torch.Tensor:
+        """Every latent in one tensor [N, C, h, w] of the stored dtype, read shard by shard (a whole shard at a
+        time: no per-sample work). ``self[i]["latents"]`` equals ``read_all()[i].float()``."""
+        from tqdm.auto import tqdm
+
+        out = torch.empty((len(self), self.channels, *self.latent_size), dtype=self.stored_dtype)
+        num_shards = math.ceil(len(self) / self.shard_size)
+        for shard in tqdm(range(num_shards), desc="reading latent shards", unit="shard", disable=not progress):
+            start = shard * self.shard_size
+            rows = min(self.shard_size, len(self) - start)
+            with safe_open(shard_path(self.path, shard), framework="pt") as f:
+                out[start : start + rows] = f.get_slice("latents")[:rows]
+        return out
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):

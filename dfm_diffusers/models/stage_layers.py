@@ -18,6 +18,20 @@ from torch import nn
 from ..utils import normalize_stage_factors
 
 
+def check_values(ok: torch.Tensor, message, training: bool) -> None:
+    """ValueError(``message()``) unless the 0-dim bool tensor ``ok`` holds.
+
+    Reading ``ok`` on the host waits for the device; so in training on an accelerator the check runs on the
+    device instead (``torch._assert_async``: a failure stops the run with a device-side assert) and the step never
+    waits. Skipped while torch.compile traces (a host read would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    if training and ok.device.type != "cpu":
+        torch._assert_async(ok, "DFM model input out of range (run it on the CPU or in eval mode for the details)")
+    elif not bool(ok):
+        raise ValueError(message())
+
+
 def stage_patch_sizes(
     num_stages: int,
     stage_factors: int | Sequence[int],
@@ -161,9 +175,10 @@ class DFMStageLayers(nn.Module):
         if num_active_stages is None or tuple(num_active_stages.shape) != (b,):
             got_n = None if num_active_stages is None else tuple(num_active_stages.shape)
             raise ValueError(f"num_active_stages must be a [B] = ({b},) integer tensor, got {got_n}")
-        # value checks need a host sync and break torch.compile(fullgraph=True): skipped while compiling
-        if not torch.compiler.is_compiling() and (num_active_stages.min() < 1 or num_active_stages.max() > S):
-            raise ValueError(f"num_active_stages must be in 1..{S}, got {num_active_stages.tolist()}")
+        check_values(
+            (num_active_stages.min() >= 1) & (num_active_stages.max() <= S),
+            lambda: f"num_active_stages must be in 1..{S}, got {num_active_stages.tolist()}", self.training,
+        )
         return grid
 
     def embed_stages(self, stage_latents: Sequence[torch.Tensor], active: torch.Tensor) -> torch.Tensor:

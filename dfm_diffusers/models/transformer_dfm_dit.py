@@ -30,7 +30,7 @@ from torch import nn
 
 from ..utils import normalize_stage_factors
 from .loading import strict_from_pretrained
-from .stage_layers import DFMStageLayers, stage_activity
+from .stage_layers import DFMStageLayers, check_values, stage_activity
 
 # --------------------------------------------------------------------------------------------------------------
 # Named configurations
@@ -359,11 +359,12 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"class_labels must be a [B] = ({batch_size},) integer tensor, got {got}")
         if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
             raise ValueError(f"class_labels must be integers, got dtype {class_labels.dtype}")
-        if class_labels.min() < 0 or class_labels.max() > num_classes:
-            raise ValueError(
-                f"class_labels must be in 0..{num_classes} ({num_classes} is the null class), "
-                f"got {class_labels.tolist()}"
-            )
+        check_values(
+            (class_labels.min() >= 0) & (class_labels.max() <= num_classes),
+            lambda: f"class_labels must be in 0..{num_classes} ({num_classes} is the null class), "
+                    f"got {class_labels.tolist()}",
+            self.training,
+        )
         if force_drop_ids is not None and tuple(torch.as_tensor(force_drop_ids).shape) != (batch_size,):
             raise ValueError(
                 f"force_drop_ids must have shape [B] = ({batch_size},), got {tuple(torch.as_tensor(force_drop_ids).shape)}"

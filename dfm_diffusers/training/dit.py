@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from accelerate.utils import set_seed
@@ -45,6 +46,12 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     center_crop: bool = setting(True, "center crop (else random crop) to resolution")
     random_flip: bool = setting(False, "random horizontal flips")
     max_samples: int | None = setting(None, "use only the first N samples")
+    preload: Literal["auto", "device", "cpu", "off"] = setting(
+        "auto", "decode the data set once and keep it as tensors, read a batch at a time: device (in GPU memory), "
+        "cpu (in RAM), auto (device when it takes <= 20% of the GPU memory, else RAM when <= half the free RAM, "
+        "else off) or off (samples read one by one). The samples are the same either way; preloaded batches are "
+        "read in the training process (dataloader_num_workers then only decode the preload)"
+    )
     max_bad_sample_fraction: float = setting(
         0.05, "unreadable images are skipped (each named) up to this fraction of the data set"
     )
@@ -86,6 +93,9 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
         problems += positive_int(self, "resolution") + positive_int(self, "max_samples", optional=True)
         problems += finite(self, "sample_guidance_scale", low=0.0)
         problems += finite(self, "max_bad_sample_fraction", low=0.0, high=1.0)
+        if self.preload in ("cpu", "device") and not self.center_crop and not _is_latent_dir(self.dataset):
+            problems.append(f"preload: {self.preload} keeps one decoded copy per image, which random crops "
+                            "(center_crop: false) cannot use; set preload auto or off, or center_crop true")
         problems += positive_int(self, "num_stages", optional=True)
         problems += [f"model_kwargs: {p}" for p in model_kwargs_problems(self.model_kwargs)]
         labels = self.sample_class_labels
@@ -150,6 +160,12 @@ def model_kwargs_problems(model_kwargs: dict) -> list[str]:
         return []
     hints = "".join(did_you_mean(k, known) for k in unknown)
     return [f"unknown keys {unknown}{hints}; DFMDiTTransformer2DModel takes {sorted(known)}"]
+
+
+def _is_latent_dir(source) -> bool:
+    from ..data.latents import is_latent_dir
+
+    return isinstance(source, str) and is_latent_dir(source)
 
 
 def build_dataset(config: DiTTrainingConfig):
@@ -317,6 +333,9 @@ def train_dit(config: DiTTrainingConfig) -> dict:
             "latent-space training reads pre-encoded latents: encode the dataset first with "
             "`python -m dfm_diffusers.data encode --vae ...` and pass the shard folder as --dataset"
         )
+    from ..data.preload import preload_dataset
+
+    dataset = preload_dataset(dataset, config.preload, num_workers=config.dataloader_num_workers)
     sample = dataset[0]
     x = sample["latents"] if "latents" in sample else sample["pixel_values"]
     if x.shape[-1] != x.shape[-2]:

@@ -46,7 +46,7 @@ from ..visualize import image_grid
 from .config import ConfigError, check_config, finite, flat_hparams, positive_int, require, setting, stage_list_problems
 from .dit import resolve_stage_scales, write_loss_curve
 from .loop import LoopConfig, run_training
-from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective
+from .objective import DFMObjectiveConfig, DFMObjectiveOutput, dfm_objective, small_tensor
 from .quantize import bitsandbytes_problem, quantize_frozen_blocks
 
 logger = logging.getLogger(__name__)
@@ -509,6 +509,7 @@ class FluxTask:
         self.samples_dir = os.path.join(config.output_dir, "samples")
         self.last_sample, self.last_step = None, None  # the latest validation grid (shown in the model card)
         self.cache = None  # a complete FluxEmbeddingCache when training from cached latents and embeddings
+        self._empty_text = None  # the cached empty prompt's embeddings, kept on the training device
         patchify = set(patchify_parameter_names(self.transformer))
         # trainable parameters held fixed during the patchify-only phase (the LoRA, the blocks, the other stage layers)
         self.held_in_patchify_phase = [
@@ -562,8 +563,10 @@ class FluxTask:
         embeds, pooled = batch["prompt_embeds"].to(device), batch["pooled_prompt_embeds"].to(device)
         keep = self.caption_keep_mask(embeds.shape[0])
         if not all(keep):
-            empty_embeds, empty_pooled = self.cache.text_batch([""], device)
-            drop = ~torch.tensor(keep, device=device)
+            if self._empty_text is None or self._empty_text[0].device != embeds.device:
+                self._empty_text = self.cache.text_batch([""], device)
+            empty_embeds, empty_pooled = self._empty_text
+            drop = ~small_tensor(keep, torch.bool, device)  # (no host sync)
             embeds = torch.where(drop[:, None, None], empty_embeds.to(embeds.dtype), embeds)
             pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
         # FluxPipeline.encode_prompt's text ids: zeros, one row per T5 token

@@ -50,9 +50,11 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from ..data.seeded import SeededSamples, already_collated  # noqa: F401  (SeededSamples: public here too)
 from ..utils import configure_attention_backends
 from .config import did_you_mean, finite, positive_int, require, setting
 from .log_window import LogWindow
+from .steps import DataClock, StepVerdict, nonfinite_flags, skips_on_device, step_on_device
 from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_path, CHECKPOINT_RE: public here too)
     CHECKPOINT_RE,
     EMA_FILE,
@@ -93,12 +95,28 @@ class LoopConfig:
     adam_weight_decay: float = setting(0.0, "AdamW decoupled weight decay (>= 0)")
     adam_epsilon: float = setting(1e-8, "AdamW epsilon (> 0)")
     use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (needs a CUDA GPU)")
+    adam_fused: bool | None = setting(
+        None, "torch's fused AdamW kernel; default (null): on a CUDA device without FSDP. It also lets the loop read "
+        "a step's non-finite verdict one step later (nonfinite_check)"
+    )
     max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off")
     use_ema: bool = setting(True, "keep an EMA of the weights (used for samples and the export)")
     ema_decay: float = setting(0.9999, "EMA decay, in (0, 1)")
     ema_warmup: bool = setting(False, "diffusers EMAModel's decay warm-up")
     mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate mixed precision")
-    torch_compile: bool = setting(False, "torch.compile the model")
+    torch_compile: bool = setting(False, "torch.compile the model (on a GPU; ignored on the CPU)")
+    torch_compile_mode: str | None = setting(
+        None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default mode)"
+    )
+    torch_compile_objective: bool = setting(
+        False, "with torch_compile: compile the whole loss (the DFM objective around the model; one graph for the "
+        "DiT trainer) instead of the model alone"
+    )
+    nonfinite_check: Literal["deferred", "every_step"] = setting(
+        "deferred", "when the host reads whether a step's loss and gradient norm were finite: deferred (one step "
+        "later, the update dropped on the device; needs the fused AdamW, else every_step) or every_step (a host "
+        "sync per step)"
+    )
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
     dataloader_num_workers: int = setting(0, "data loader worker processes")
     checkpointing_steps: int = setting(500, "save a resumable checkpoint every N steps (and at the end); 0 = never")
@@ -133,6 +151,8 @@ class LoopConfig:
         problems += finite(self, "adam_beta1", "adam_beta2", low=0.0, high=1.0, high_open=True)
         problems += finite(self, "adam_weight_decay", "max_grad_norm", low=0.0)
         problems += finite(self, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
+        problems += require(not self.torch_compile_objective or self.torch_compile, "torch_compile_objective",
+                            "needs torch_compile: true")
         problems += require(
             self.lr_scheduler in schedulers, "lr_scheduler",
             f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}"
@@ -147,8 +167,9 @@ class LoopConfig:
 
 
 
-def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
-    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (needs a CUDA GPU)."""
+def make_optimizer(params, config: LoopConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW (``fused``: torch's fused kernel; default ``config.adam_fused``, else torch's choice), or
+    bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (needs a CUDA GPU)."""
     kwargs = dict(
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
@@ -161,7 +182,8 @@ def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
         except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
             raise ImportError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`") from e
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    fused = config.adam_fused if fused is None else fused
+    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
 
 
 class TrainingLog:
@@ -192,29 +214,6 @@ class TrainingLog:
             return []
         with open(self.path, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip()]
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """``dataset[i]`` computed under the CPU torch RNG seeded from (seed, epoch, i); the global state is restored.
-
-    Random augmentations (flips, random crops) then depend only on the sample and the epoch: they neither shift
-    the training draws (noise, sigmas, stages) nor depend on the DataLoader's one-batch prefetch, on the number
-    of workers, or on where a resumed run restarted. Only torch's CPU generator is seeded (not CUDA's).
-    """
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        state = torch.get_rng_state()
-        torch.default_generator.manual_seed(hash((self.seed, self.epoch, int(index))) & 0xFFFF_FFFF_FFFF_FFFF)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)
 
 
 TRAINABLE_CHECKPOINT_FILE = "trainable_parameters.safetensors"
@@ -328,7 +327,8 @@ def run_training(
         project_config=ProjectConfiguration(
             project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: batches pinned by the DataLoader go to the GPU without a host sync
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
     if lock is not None:
@@ -365,7 +365,8 @@ def _run_training(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
-    optimizer = make_optimizer(trainable, config)
+    fused = config.adam_fused if config.adam_fused is not None else accelerator.device.type == "cuda" and not fsdp
+    optimizer = make_optimizer(trainable, config, fused=fused and not config.use_8bit_adam)
     # Under FSDP, prepare() swaps every parameter for its shard: a list still holding the originals would keep a
     # whole unsharded copy of the model alive on every GPU for the entire run.
     del trainable
@@ -378,6 +379,8 @@ def _run_training(
     if len(dataset) == 0:
         raise ValueError("the training dataset is empty")
     train_data = SeededSamples(dataset, config.seed)
+    if hasattr(dataset, "place"):  # preloaded data (data/preload.py) moves to the device when it fits
+        dataset.place(accelerator.device)
     drop_last = len(dataset) >= config.train_batch_size * accelerator.num_processes
     if batch_buckets is not None:
         from ..data.buckets import BucketBatchSampler
@@ -389,8 +392,10 @@ def _run_training(
     dataloader = torch.utils.data.DataLoader(
         train_data,
         **batching,
-        num_workers=config.dataloader_num_workers,
-        collate_fn=collate_fn,
+        # a batched data set gathers whole batches of preloaded tensors: no per-sample work left for workers
+        num_workers=0 if train_data.batched else config.dataloader_num_workers,
+        collate_fn=already_collated if train_data.batched else collate_fn,
+        pin_memory=accelerator.device.type == "cuda" and not train_data.batched,
         # Its own generator: without one, every new iterator (each epoch, and the skip_first_batches one after a
         # resume) draws its worker base seed from the global torch RNG, shifting the training draws (noise,
         # sigmas, stages) of a resumed run away from those of an uninterrupted one.
@@ -403,14 +408,21 @@ def _run_training(
     if config.use_ema:
         base = accelerator.unwrap_model(model)
         ema = EMAModel(
-            [p for p in base.parameters() if p.requires_grad], decay=config.ema_decay, use_ema_warmup=config.ema_warmup
+            [p for p in base.parameters() if p.requires_grad], decay=config.ema_decay, use_ema_warmup=config.ema_warmup,
+            foreach=True,
         )
         ema.to(accelerator.device)
         # Not accelerator.register_for_checkpointing(ema): that writes a pickle accelerate loads with
         # weights_only=False. The EMA goes to ema.safetensors in save_checkpoint instead.
     trainable_names = [n for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-    if config.torch_compile:
-        model = torch.compile(model)
+    if config.torch_compile and accelerator.device.type == "cpu":
+        logger.warning("torch_compile is off on the CPU (compiling takes longer than it saves here)")
+    elif config.torch_compile:
+        compile_kwargs = {"mode": config.torch_compile_mode} if config.torch_compile_mode else {}
+        if config.torch_compile_objective:  # the model's forward is traced inside the loss's graph
+            loss_fn = torch.compile(loss_fn, **compile_kwargs)
+        else:
+            model = torch.compile(model, **compile_kwargs)
 
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers(config.tracker_project_name, config=hparams or {})
@@ -533,22 +545,72 @@ def _run_training(
     progress = tqdm(
         total=config.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_main_process
     )
-    last_loss = float("nan")
+    last_loss = None
     tic, window_start_step = time.perf_counter(), global_step
-    window = LogWindow()
+    window, clock = LogWindow(), DataClock()
     nonfinite_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # over the accumulated micro-steps
+    # deferred: a step's update is dropped on the device when it is not finite (fused AdamW's found_inf) and the
+    # host reads the verdict during the next step (steps.py); the lr schedule, EMA and counters follow it then
+    deferred = (config.nonfinite_check == "deferred" and skips_on_device(optimizer) and accelerator.scaler is None
+                and not fsdp and accelerator.distributed_type != DistributedType.XLA)
+    pending = None
+    # looked up once: walking the modules (and accelerate's unwrap_model) every step costs milliseconds of host time
+    clip_params = list(model.parameters())
+    ema_params = [p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad]
+
+    def settle(verdict: StepVerdict):
+        """The host's part of an optimizer step once its verdict is read: lr schedule, EMA, counters, log row."""
+        nonlocal tic, window_start_step
+        step_ok, why = verdict.read()
+        step = verdict.step
+        if step_ok:
+            lr_scheduler.step()
+            nonfinite["consecutive_nonfinite_steps"] = 0
+            if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
+                ema.step(ema_params)
+            window.add({"loss": verdict.loss, **verdict.logs})  # a skipped step's NaN/inf would poison the means
+        else:
+            nonfinite["nonfinite_steps"] += 1
+            nonfinite["consecutive_nonfinite_steps"] += 1
+            logger.warning("step %d: %s; skipped (no optimizer, lr or EMA update), %d in a row",
+                           step, why, nonfinite["consecutive_nonfinite_steps"])
+        if step % config.log_every == 0 or step == config.max_train_steps or not step_ok:
+            elapsed = time.perf_counter() - tic
+            row = {"step": step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+            if verdict.grad_norm is not None:
+                row["grad_norm"] = float(verdict.grad_norm)
+            row["nonfinite_steps"] = nonfinite["nonfinite_steps"]
+            steps = max(1, step - window_start_step)
+            row["it_per_s"] = steps / max(elapsed, 1e-9)
+            waited, _ = clock.pop()
+            row["data_wait_s"] = waited / steps  # seconds per step spent waiting for the batch
+            tic, window_start_step = time.perf_counter(), step
+            log.append(row)
+            if "loss" in row:
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+            if report_to:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
+            accelerator.end_training()
+            kept = list_checkpoints(checkpoint_dir)
+            raise NonFiniteLossError(
+                f"step {step}: {nonfinite['consecutive_nonfinite_steps']} consecutive steps with a "
+                f"non-finite loss or gradient norm ({why}); stopping (max_consecutive_nonfinite_steps="
+                f"{config.max_consecutive_nonfinite_steps}). Nothing was saved from them; last checkpoint: "
+                f"{kept[-1][1] if kept else 'none'}. Lower the learning rate, set max_grad_norm, or check the data."
+            )
+
     epoch = global_step // steps_per_epoch
     while global_step < config.max_train_steps:
         dataloader.set_epoch(epoch)
         train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
         skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
-        for batch in batches:
+        for batch in clock.timed(batches):
             with accelerator.accumulate(model):
                 loss, logs = loss_fn(model, batch)
                 accelerator.backward(loss)
                 nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
-                grad_norm, step_ok = None, True
                 if accelerator.sync_gradients:
                     if held_fixed_fn is not None:
                         # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
@@ -556,59 +618,40 @@ def _run_training(
                             p.grad = None
                     # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
                     max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    step_ok, why = finite_step(accelerator, nonfinite_loss, grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(clip_params, max_norm)
+                    flags = nonfinite_flags(accelerator, nonfinite_loss, grad_norm)
                     nonfinite_loss.zero_()
-                if step_ok:
-                    optimizer.step()
-                    lr_scheduler.step()
+                    if pending is not None:  # the previous step's verdict, read while this step's work is queued
+                        settle(pending)
+                        pending = None
+                    verdict = StepVerdict(global_step + 1, flags, accelerator.gather(loss.detach()[None]).mean(),
+                                          logs, grad_norm)
+                    last_loss = verdict.loss
+                    if deferred:  # (accelerate's optimizer.step adds only checks that do not apply here)
+                        step_on_device(optimizer, flags)
+                    elif verdict.read()[0]:
+                        optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            if step_ok:
-                nonfinite["consecutive_nonfinite_steps"] = 0
-                if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
-                    ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
-            else:
-                nonfinite["nonfinite_steps"] += 1
-                nonfinite["consecutive_nonfinite_steps"] += 1
-                logger.warning(
-                    "step %d: %s; skipped (no optimizer, lr or EMA update), %d in a row",
-                    global_step, why, nonfinite["consecutive_nonfinite_steps"],
-                )
-            last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-            if step_ok:  # a skipped step's NaN/inf would poison the window's means; it is counted instead
-                window.add({"loss": last_loss, **logs})
             progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            if global_step % config.log_every == 0 or global_step == config.max_train_steps or not step_ok:
-                elapsed = time.perf_counter() - tic
-                row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                row["nonfinite_steps"] = nonfinite["nonfinite_steps"]
-                row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
-                tic, window_start_step = time.perf_counter(), global_step
-                log.append(row)
-                if report_to:
-                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-            if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
-                accelerator.end_training()
-                kept = list_checkpoints(checkpoint_dir)
-                raise NonFiniteLossError(
-                    f"step {global_step}: {nonfinite['consecutive_nonfinite_steps']} consecutive steps with a "
-                    f"non-finite loss or gradient norm ({why}); stopping (max_consecutive_nonfinite_steps="
-                    f"{config.max_consecutive_nonfinite_steps}). Nothing was saved from them; last checkpoint: "
-                    f"{kept[-1][1] if kept else 'none'}. Lower the learning rate, set max_grad_norm, or check the data."
-                )
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+            pending = verdict
+            checkpoint_now = bool(config.checkpointing_steps) and global_step % config.checkpointing_steps == 0
+            validate_now = bool(sample_fn and config.validation_steps) and global_step % config.validation_steps == 0
+            if (not deferred or checkpoint_now or validate_now or global_step % config.log_every == 0
+                    or global_step >= config.max_train_steps):
+                settle(pending)
+                pending = None
+            if checkpoint_now:
                 save_checkpoint(global_step)
-            if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
+            if validate_now:
                 validate(global_step)
             if global_step >= config.max_train_steps:
                 break
         epoch += 1
+    if pending is not None:
+        settle(pending)
     progress.close()
 
     if config.checkpointing_steps and global_step % config.checkpointing_steps != 0:
@@ -640,17 +683,5 @@ def _run_training(
             with_ema_weights(checked_export, export_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    last_loss = float(last_loss) if last_loss is not None else float("nan")
     return {"global_step": global_step, "loss": last_loss, "export_dir": export_dir, "log": log.read(), **nonfinite}
-
-
-def finite_step(accelerator: Accelerator, nonfinite_loss: torch.Tensor, grad_norm) -> tuple[bool, str]:
-    """Whether the optimizer may step: the loss of every accumulated micro-batch on every process, and the
-    gradient norm, are finite. With fp16's grad scaler an inf gradient norm is the scaler's business (it skips the
-    step itself and lowers the scale). Returns (ok, what was not finite)."""
-    grad_bad = grad_norm is not None and not math.isfinite(float(grad_norm))
-    if grad_bad and accelerator.scaler is not None:
-        grad_bad = False
-    flags = torch.stack([nonfinite_loss.float(), torch.tensor(float(grad_bad), device=nonfinite_loss.device)])
-    loss_bad, grad_bad = (accelerator.reduce(flags, reduction="sum") > 0).tolist()
-    why = " and ".join(w for w, bad in (("non-finite loss", loss_bad), ("non-finite gradient norm", grad_bad)) if bad)
-    return not (loss_bad or grad_bad), why

@@ -34,6 +34,15 @@ class DFMTrainingSigmas:
         return self.stage + 1
 
 
+def small_tensor(values: Sequence[float], dtype: torch.dtype, device) -> torch.Tensor:
+    """A few numbers as a tensor on ``device``. A plain ``torch.tensor(..., device="cuda")`` waits for the device
+    (its host-to-device copy synchronizes the stream); this one is copied from pinned memory without waiting."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def default_stage_weights(num_stages: int) -> list[float]:
     """The paper's stage weights: [0.9, 0.1] for 2 stages; otherwise 0.9 on stage 0, the rest shared."""
     if num_stages == 1:
@@ -117,7 +126,7 @@ def sample_dfm_training_sigmas(
         stage = torch.full((batch_size,), num_stages - 1, dtype=torch.long, device=draw_device)
         sigmas = draw(logit_mean, logit_std, batch_size)[:, None].repeat(1, num_stages)
     else:
-        probs = torch.tensor(weights, dtype=torch.float32, device=draw_device)
+        probs = small_tensor(weights, torch.float32, draw_device)
         count = batch_size if stage_sampling == "per_sample" else 1
         stage = torch.multinomial(probs, count, replacement=True, generator=generator).expand(batch_size)
         current = draw(logit_mean, logit_std, batch_size)
@@ -185,7 +194,9 @@ def masked_stage_loss(
     weights = [1.0] * num_stages if stage_loss_weights is None else [float(w) for w in stage_loss_weights]
     if len(weights) != num_stages:
         raise ValueError(f"stage_loss_weights must hold {num_stages} numbers, got {weights}")
-    per_stage = (mse * loss_mask.to(mse)).mean(dim=0) * torch.tensor(weights, dtype=mse.dtype, device=mse.device)
+    per_stage = (mse * loss_mask.to(mse)).mean(dim=0)
+    if any(w != 1.0 for w in weights):
+        per_stage = per_stage * small_tensor(weights, mse.dtype, mse.device)
     return per_stage.sum(), per_stage
 
 
@@ -206,7 +217,9 @@ def dfm_loss(
     return masked_stage_loss(stage_mse(model_output, targets), loss_mask, stage_loss_weights)
 
 
-def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict[str, tuple[float, float]]:
+def conditional_stage_losses(
+    mse: torch.Tensor, draw: DFMTrainingSigmas
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-stage losses over the samples they concern, as ``(sum, count)`` pairs that pool over steps.
 
     - ``mse_stage_<s>``: velocity MSE of stage s over the samples where it is in the loss (loss_mask 1, s <= s*):
@@ -214,17 +227,17 @@ def conditional_stage_losses(mse: torch.Tensor, draw: DFMTrainingSigmas) -> dict
       of 2, 90 % of them), so its curve is not a mostly-zero sawtooth.
     - ``mse_generating_stage_<k>`` (S > 1 only): MSE of stage k over the samples generating it (s* = k), i.e. at
       the sigmas of the stage's own sampling phase, without the previous-stage samples at small sigma.
-    Unweighted by ``stage_loss_weights``.
+    Unweighted by ``stage_loss_weights``. The values are 0-dim float64 tensors on ``mse``'s device (no host
+    sync: the training loop reads them every ``log_every`` steps).
     """
     mse = mse.detach().double()
     mask = draw.loss_mask.to(mse)
-    logs = {}
-    for s in range(mse.shape[1]):
-        logs[f"mse_stage_{s}"] = ((mse[:, s] * mask[:, s]).sum().item(), mask[:, s].sum().item())
+    sums, counts = (mse * mask).sum(dim=0), mask.sum(dim=0)
+    logs = {f"mse_stage_{s}": (sums[s], counts[s]) for s in range(mse.shape[1])}
     if mse.shape[1] > 1:
-        for k in range(mse.shape[1]):
-            current = (draw.stage == k).to(mse)
-            logs[f"mse_generating_stage_{k}"] = ((mse[:, k] * current).sum().item(), current.sum().item())
+        current = (draw.stage[:, None] == torch.arange(mse.shape[1], device=mse.device)).to(mse)  # [B, S]
+        sums, counts = (mse * current).sum(dim=0), current.sum(dim=0)
+        logs.update({f"mse_generating_stage_{k}": (sums[k], counts[k]) for k in range(mse.shape[1])})
     return logs
 
 
@@ -291,12 +304,14 @@ class DFMObjectiveOutput:
     mse: torch.Tensor  # [B, S] per-sample stage MSEs (see stage_mse)
 
     @property
-    def logs(self) -> dict[str, float | tuple[float, float]]:
-        """``loss_stage_<s>``: the terms that sum to the loss (floats); ``mse_stage_<s>`` and
-        ``mse_generating_stage_<k>``: the conditional per-stage losses as ``(sum, count)`` pairs
-        (:func:`conditional_stage_losses`; the training loop pools them over its log window)."""
-        logs: dict[str, float | tuple[float, float]] = {
-            f"loss_stage_{s}": self.per_stage[s].item() for s in range(len(self.targets))
+    def logs(self) -> dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """``loss_stage_<s>``: the terms that sum to the loss; ``mse_stage_<s>`` and ``mse_generating_stage_<k>``:
+        the conditional per-stage losses as ``(sum, count)`` pairs (:func:`conditional_stage_losses`; the
+        training loop pools them over its log window). 0-dim tensors on the device: reading them is left to the
+        loop's log rows, so that a training step never waits for the device."""
+        per_stage = self.per_stage.detach()
+        logs: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {
+            f"loss_stage_{s}": per_stage[s] for s in range(len(self.targets))
         }
         logs.update(conditional_stage_losses(self.mse, self.draw))
         return logs

@@ -1,6 +1,6 @@
 """Train a class-conditional DFM-DiT (or, with num_stages: 1, the plain flow-matching baseline).
 
-    accelerate launch train_dfm_dit.py --config examples/configs/dit_b2_imagenet512.yaml [--key value ...]
+    accelerate launch train_dfm_dit.py --config examples/configs/dfm_dit_b2_imagenet512.yaml [--key value ...]
 
 Every setting is a field of dfm_diffusers.training.dit.DiTTrainingConfig; YAML values first, then overrides;
 `--help` lists them all. Every bad setting is reported at once, before any data or model is loaded.

@@ -14,7 +14,7 @@ Peak memory is torch.cuda.max_memory_allocated (reset before every run), the max
 FLUX gets the finest latent packed 2x2 (FluxPipeline's layout, 4096 tokens at 1024px); DFM gets both stages of
 the same image (2 active; stage 0 carried at the finest resolution: [B, 16, 128, 128] twice, the same 4096
 tokens); "DFM 256->1024" is the stage-factor-4 model (same shapes, stage 0's band 32x32). Writes results.json to
---out and prints a markdown table. Calls configure_attention_backends() (cuDNN SDPA off, see DESIGN.md section 8).
+--out and prints a markdown table. Calls configure_attention_backends() (cuDNN SDPA off).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def normalize_stage_factors(num_stages: int, factors: int | Sequence[int]) -> li
 def configure_attention_backends() -> bool:
     """Disable PyTorch's cuDNN scaled-dot-product-attention backend on CUDA; returns True if it did.
 
-    On the project's GPU machine (DESIGN.md section 8) the cuDNN SDPA backward fails with
+    On the project's GPU machine the cuDNN SDPA backward fails with
     CUBLAS_STATUS_EXECUTION_FAILED ("mha_graph.execute"); the flash / memory-efficient backends work.
     Training scripts and benchmarks call this once at start-up (a process-wide setting); a no-op without CUDA.
     """

@@ -1,7 +1,7 @@
 """Fashion-MNIST from its original gzipped IDX files (as shipped by Debian's ``dataset-fashion-mnist`` package).
 
 Fashion-MNIST (Xiao, Rasul & Vollgraf, 2017; MIT licence): 70,000 28x28 grayscale images of 10 clothing classes,
-60,000 for training and 10,000 for testing. It is the project's offline real-image data set (DESIGN.md section 7).
+60,000 for training and 10,000 for testing. It is the project's offline real-image data set.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A class-conditional DiT (Peebles & Xie, 2023) with the Decomposable Flow Matching changes (arXiv 2506.19839).
 
 The trunk is DiT's: patch tokens + fixed 2D sin-cos positions, N blocks of adaLN-Zero self-attention and MLP,
-conditioning c = class embedding + timestep embedding. The DFM changes (DESIGN.md section 5) all live in the
+conditioning c = class embedding + timestep embedding. The DFM changes all live in the
 shared :class:`~dfm_diffusers.models.stage_layers.DFMStageLayers`:
 
 - every stage s (coarse to fine) has its own patch embedding, with a patch size chosen so that all stages give
@@ -11,7 +11,7 @@ shared :class:`~dfm_diffusers.models.stage_layers.DFMStageLayers`:
 - every stage has its own adaLN output head, unpatchified with its own patch size.
 
 With ``num_stages=1`` the model is a plain DiT trained with flow matching (the paper's baseline) and runs through
-the same code. Inputs and outputs follow the project's conventions (DESIGN.md section 1): sigma in [0, 1] with
+the same code. Inputs and outputs follow the project's conventions: sigma in [0, 1] with
 sigma = 1 pure noise, and the model predicts the velocity v = eps - x of every stage.
 """
 

@@ -7,7 +7,7 @@ on the summed tokens. Stage 0's sigma goes through FLUX's own timestep/guidance/
 sigmas through per-stage embedders; an embedding of the stage index (num_active_stages - 1) is added to the
 conditioning. One output head per stage.
 
-How stage 0 is presented to FLUX (paper appendix E; DESIGN.md section 5)
+How stage 0 is presented to FLUX (paper appendix E)
 --------------------------------------------------------------------------
 Stage 0 is *carried at the finest resolution*: its tensor is the clean band nearest-upsampled by the total stage
 factor F (``stage_upsampling[0] = F``) with i.i.d. noise drawn at that resolution, so FLUX's own 2x2 packing,
@@ -401,7 +401,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         flux_timestep: str | None = None,
         **load_kwargs,
     ) -> "DFMTransformer2DModel":
-        """Convert a FLUX transformer into a DFM model (paper appendix E; DESIGN.md section 5).
+        """Convert a FLUX transformer into a DFM model (paper appendix E).
 
         Args:
             flux: a FluxTransformer2DModel, or a local path / Hub id loaded with FluxTransformer2DModel.from_pretrained

@@ -1,4 +1,4 @@
-"""DFMScheduler: the multi-stage Euler schedule of Decomposable Flow Matching (DESIGN section 4).
+"""DFMScheduler: the multi-stage Euler schedule of Decomposable Flow Matching.
 
 Phase i runs ``steps_per_stage[i]`` Euler steps. In it the newest stage i goes linearly from sigma 1 to
 e_i (e_i = stage_thresholds[i], the sigma at which stage i+1 starts; 0 for the last phase), stages s > i stay

@@ -1,4 +1,4 @@
-"""The DFM training distribution and loss (DESIGN section 3).
+"""The DFM training distribution and loss.
 
 Conventions: sigma = 1 is pure noise; x_sigma = (1 - sigma) * x + sigma * eps; target velocity v = eps - x.
 Per sample: s* ~ Categorical(stage_weights) is the stage being generated; stages s < s* are "previous"
@@ -246,7 +246,7 @@ def conditional_stage_losses(
 
 @dataclass
 class DFMObjectiveConfig:
-    """The DFM training-distribution and loss settings (DESIGN section 3), mixed into every trainer's config.
+    """The DFM training-distribution and loss settings, mixed into every trainer's config.
 
     stage_weights: probabilities of the stage being generated, s* (default [0.9, 0.1] for 2 stages);
     logit_mean / logit_std: sigma of stage s* is sigmoid(N(logit_mean, logit_std));

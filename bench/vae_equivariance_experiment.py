@@ -402,7 +402,7 @@ def main(argv=None):
     save()
 
     # 4. latents of the original (control) and adapted VAEs, then all DiT runs in parallel
-    from dfm_diffusers.data.latents import encode_latent_shards
+    from dfm_diffusers.data import encode_latent_shards
 
     t0 = time.time()
     setups = {}

@@ -16,11 +16,11 @@ from .fashion_mnist import (
     read_idx,
 )
 from .image_dataset import ImageDataset, build_image_dataset, preprocess_image
+from .encoding import encode_latent_shards
 from .latents import (
     LATENT_METADATA_FILE,
     LatentShardDataset,
     encode_images,
-    encode_latent_shards,
     is_latent_dir,
     write_latent_shards,
 )

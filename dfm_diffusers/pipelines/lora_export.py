@@ -18,6 +18,7 @@ import json
 import os
 
 import torch
+from diffusers.loaders import FluxLoraLoaderMixin
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 TRAINED_WEIGHT_NAME = "dfm_trained_weights.safetensors"
@@ -36,10 +37,8 @@ def save_lora_export(folder: str, transformer, scheduler, base: dict, lora_layer
     """
     from safetensors.torch import save_file
 
-    from .pipeline_dfm import DFMPipeline
-
     os.makedirs(folder, exist_ok=True)
-    DFMPipeline.save_lora_weights(
+    FluxLoraLoaderMixin.save_lora_weights(
         folder, transformer_lora_layers=lora_layers, transformer_lora_adapter_metadata=lora_metadata,
         weight_name=LORA_WEIGHT_NAME,
     )

@@ -73,15 +73,6 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
             for name in names.split(","):
                 self.labels[name.strip()] = index
 
-    @classmethod
-    def from_official_checkpoint(cls, checkpoint: str, source: str, **kwargs) -> "DFMDiTPipeline":
-        """An official DFM-SiT / SiT / REPA checkpoint file as a DFMDiTPipeline with the official model's outputs;
-        ``source`` is "elit-dfm", "elit-sit", "repa" or "sit"; ``kwargs`` (vae, num_heads, weights, steps_per_stage)
-        as in :func:`dfm_diffusers.pipelines.official.convert_official_checkpoint`."""
-        from .official import convert_official_checkpoint
-
-        return convert_official_checkpoint(checkpoint, source, **kwargs)
-
     def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
         """Class names (any of a class's comma-separated synonyms in ``id2label``) -> class indices."""
         if not self.labels:

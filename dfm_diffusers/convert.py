@@ -2,13 +2,14 @@
 
     python -m dfm_diffusers.convert --flux black-forest-labs/FLUX.1-dev --output ./flux-dfm \
         [--num-stages 2] [--stage-factors 2] [--steps-per-stage 30 10] [--stage-thresholds 0.1] \
-        [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
+        [--torch-dtype bfloat16] [--self-contained] [--push-to-hub user/flux-dfm]
 
 Stage 0 is carried at the full latent resolution and reuses FLUX's patch embedding, timestep embedder and output
 head verbatim (paper appendix E, see DFMTransformer2DModel); later stages' heads start at zero (their input
 projections at FLUX's x_embedder, --new-stage-init), so the converted model's stage 0 is FLUX's image,
 block-averaged to stage 0's resolution. Any stage factors work
-(--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
+(--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2). --self-contained writes the library's code
+next to the weights (local folder and pushed repo), so plain diffusers loads them with trust_remote_code=True.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def main(argv=None):
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="also write the pipeline's code, for DiffusionPipeline.from_pretrained(..., trust_remote_code=True)")
     args = parser.parse_args(argv)
 
     factors = args.stage_factors[0] if len(args.stage_factors) == 1 else args.stage_factors
@@ -48,10 +51,10 @@ def main(argv=None):
         stage_thresholds=args.stage_thresholds,
         new_stage_init=args.new_stage_init,
     )
-    pipe.save_pretrained(args.output)
+    pipe.save_pretrained(args.output, self_contained=args.self_contained)
     print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")
     if args.push_to_hub:
-        repo = pipe.push_to_hub(args.push_to_hub, base_model=args.flux)
+        repo = pipe.push_to_hub(args.push_to_hub, base_model=args.flux, self_contained=args.self_contained)
         print(f"pushed to https://huggingface.co/{repo}")
     return pipe
 

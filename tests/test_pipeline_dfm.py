@@ -239,7 +239,7 @@ def test_push_to_hub_uploads_folder_with_model_card(dfm_pipe, monkeypatch):
     card = uploaded["card"]
     assert "base_model: black-forest-labs/FLUX.1-dev" in card and "stages: 2" in card
     assert "[0.3]" in card and "0.7" in card and 'DFMPipeline.from_pretrained("someone/tiny-dfm"' in card
-    assert uploaded["index"]["_class_name"] == "DFMPipeline"
+    assert uploaded["index"]["_class_name"] == ["pipeline_dfm", "DFMPipeline"]  # self-contained by default
 
 
 def test_bad_inputs_raise(dfm_pipe):

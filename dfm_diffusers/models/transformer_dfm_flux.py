@@ -66,7 +66,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, apply_lora_scale, logging
 
 from ..utils import normalize_stage_factors
-from .loading import strict_from_pretrained
+from .loading import SelfContainedModelMixin, strict_from_pretrained
 from .stage_layers import DFMStageLayers, stage_activity, stage_patch_sizes
 
 logger = logging.get_logger(__name__)
@@ -115,7 +115,7 @@ class DFMTransformer2DModelOutput(BaseOutput):
     sample: list[torch.Tensor]
 
 
-class DFMTransformer2DModel(FluxTransformer2DModel):
+class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
     """FLUX with per-stage input projections, timestep embedders, stage-index embedding and output heads.
 
     Config: every FluxTransformer2DModel argument (``in_channels`` keeps FLUX's meaning: latent channels x 2x2

@@ -141,8 +141,10 @@ class DFMLoraExportMixin:
             from diffusers import AutoencoderKL
 
             kwargs["vae"] = AutoencoderKL.from_pretrained(info["vae"], torch_dtype=torch_dtype)
+        from .hub import pipeline_class_name
+
         with open(os.path.join(base_path, "model_index.json"), encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
+            class_name = pipeline_class_name(json.load(f))
         if class_name == "FluxPipeline":
             config = info["transformer_config"]
             flux = FluxPipeline.from_pretrained(base_path, torch_dtype=torch_dtype, **kwargs)

@@ -42,7 +42,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     factors = args.stage_factors[0] if len(args.stage_factors) == 1 else args.stage_factors
-    flux = FluxPipeline.from_pretrained(args.flux, torch_dtype=DTYPES[args.torch_dtype], revision=args.revision)
+    flux = FluxPipeline.from_pretrained(args.flux, dtype=DTYPES[args.torch_dtype], revision=args.revision)
     pipe = DFMPipeline.from_flux_pipeline(
         flux,
         num_stages=args.num_stages,

@@ -91,6 +91,10 @@ def _defining_module(package: str, name: str) -> str:
                     if _is_package(source):
                         return _defining_module(source, alias.name)
                     return source
+    # a lazily exporting package (dfm_diffusers.utils.lazy_exports): ask the object where it is defined
+    home = getattr(getattr(importlib.import_module(package), name, None), "__module__", None)
+    if home and home.startswith(f"{package}."):
+        return home
     return package  # defined in the package's __init__ itself
 
 

@@ -395,7 +395,7 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
             raise ValueError(f"new_stage_init must be 'x_embedder' or 'zero', got {new_stage_init!r}")
         if isinstance(flux, (str, os.PathLike)):
             flux = FluxTransformer2DModel.from_pretrained(
-                flux, subfolder=subfolder, torch_dtype=torch_dtype, **load_kwargs
+                flux, subfolder=subfolder, dtype=torch_dtype, **load_kwargs
             )
             share_weights = True  # nobody else holds this instance
         elif subfolder is not None or load_kwargs:

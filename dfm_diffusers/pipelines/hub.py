@@ -66,6 +66,28 @@ def _wrong_class_hint(cls, folder: str, class_name) -> str:
     return f"load it with its own pipeline class, or convert it to a {cls.__name__}"
 
 
+def looks_like_a_path(name: str) -> bool:
+    """True for names that cannot be Hub repo ids ("name" or "owner/name") and so mean a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def download_pipeline(name: str, **snapshot_kwargs) -> str:
+    """The local folder of ``name``: a Hub repo id downloaded with snapshot_download. ValueError saying "folder not
+    found" for what can only be a local path, and naming both readings when the repo cannot be had either."""
+    if os.path.exists(name):
+        raise ValueError(f"{name} is a file, not a pipeline folder")
+    if looks_like_a_path(name):
+        raise ValueError(f"folder not found: {name} (a Hub repo id looks like 'owner/name')")
+    try:
+        return snapshot_download(name, **snapshot_kwargs)
+    except Exception as err:  # HFValidationError, RepositoryNotFoundError, offline mode, no connection, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{name}: no such local folder, and it could not be loaded as a Hub repo id ({type(err).__name__}: "
+            f"{reason})"
+        ) from err
+
+
 def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> None:
     """ValueError naming the folder or file for a pipeline folder that ``cls`` cannot load completely: no or a bad
     model_index.json, another pipeline class (a FluxPipeline needs converting), or a model component whose weight
@@ -73,6 +95,11 @@ def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> N
     before anything is loaded."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
+        if os.path.isfile(os.path.join(folder, "dfm_lora_config.json")):
+            raise ValueError(
+                f"{folder} is a DFM LoRA export (the trained layers and the name of their base), not a pipeline "
+                f"folder: load it with DFMPipeline.from_lora_export({folder!r})"
+            )
         raise ValueError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
     try:
         with open(index_path, encoding="utf-8") as f:
@@ -126,7 +153,7 @@ class DFMHubMixin:
             snapshot_kwargs = {k: kwargs.pop(k) for k in _SNAPSHOT_KWARGS if k in kwargs}
             if "token" not in snapshot_kwargs and "use_auth_token" in kwargs:
                 snapshot_kwargs["token"] = kwargs.pop("use_auth_token")
-            path = snapshot_download(path, **snapshot_kwargs)
+            path = download_pipeline(path, **snapshot_kwargs)
         check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
 

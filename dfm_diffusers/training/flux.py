@@ -403,12 +403,12 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
     if config.vae:
         from diffusers import AutoencoderKL
 
-        components["vae"] = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype)
+        components["vae"] = AutoencoderKL.from_pretrained(config.vae, dtype=dtype)
     factors = info["stage_factors"]  # a list of S - 1 ints
     factors = factors[0] if len(set(factors)) == 1 else (factors or 2)  # [2] -> 2 as the converter stores it
     if info["kind"] == "flux":
         flux = FluxPipeline.from_pretrained(
-            config.pretrained, torch_dtype=dtype, revision=config.revision, **components
+            config.pretrained, dtype=dtype, revision=config.revision, **components
         )
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
@@ -418,7 +418,7 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
         del flux
     else:
         kwargs = {"revision": config.revision, **components} if config.revision else components
-        pipe = DFMPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, **kwargs)
+        pipe = DFMPipeline.from_pretrained(config.pretrained, dtype=dtype, **kwargs)
         if config.steps_per_stage is not None or config.stage_thresholds is not None:
             overrides = {}
             if config.steps_per_stage is not None:
@@ -766,7 +766,7 @@ class FluxTask:
             "## Recommended sampling settings", "", *[f"- `{k}={v!r}`" for k, v in sampling.items()], "",
             "## How to load", "", "```python", "import torch", "from dfm_diffusers import DFMPipeline", "",
             "# converts the base if it is a plain FLUX pipeline, then loads the stage layers and the LoRA",
-            f'pipe = DFMPipeline.from_lora_export("{repo_id}", torch_dtype=torch.bfloat16)',
+            f'pipe = DFMPipeline.from_lora_export("{repo_id}", dtype=torch.bfloat16)',
             "# or, with the base already converted: DFMPipeline.from_pretrained(converted).load_dfm_lora(repo)",
             f'image = pipe("a photo of a cat"{call_kwargs}).images[0]', "```", "",
         ]

@@ -31,6 +31,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
@@ -59,7 +61,9 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     LOOP_STATE_FILE,
     NonFiniteLossError,
     NonFiniteTrainingError,
+    OutputDirInUseError,
     OutputDirLock,
+    TrainingInterrupted,
     abandon_failed_save,
     check_random_states,
     list_checkpoints,
@@ -108,6 +112,10 @@ class LoopConfig:
     resume_from_checkpoint: str | None = setting(
         None, "'latest' (of output_dir/checkpoints) or a checkpoint folder to resume from (alias: --resume)"
     )
+    overwrite_output_dir: bool = setting(
+        False, "start over in an output_dir that holds a previous run (its checkpoints, log and pipeline are "
+        "removed first); without it, or resume_from_checkpoint, such a folder is refused"
+    )
     report_to: str | None = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...); 'none' for none")
     tracker_project_name: str = setting("dfm", "project name given to the tracker")
 
@@ -145,6 +153,64 @@ class LoopConfig:
         )
         return problems
 
+
+
+def previous_run(output_dir: str) -> str | None:
+    """What of an earlier run ``output_dir`` holds (a finished export, checkpoints, a training log), or None."""
+    found = []
+    if any(os.path.isfile(os.path.join(output_dir, "pipeline", f)) for f in ("model_index.json", "dfm_lora_config.json")):
+        found.append("a finished run's pipeline/")
+    kept = list_checkpoints(os.path.join(output_dir, "checkpoints"))
+    if kept:
+        found.append(f"checkpoints up to step {kept[-1][0]}")
+    log = os.path.join(output_dir, "training_log.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        found.append("training_log.jsonl")
+    return ", ".join(found) or None
+
+
+def check_output_dir(config: LoopConfig) -> str | None:
+    """OutputDirInUseError for an output_dir holding a previous run when the config neither resumes nor
+    overwrites it; returns what it holds (None if nothing)."""
+    found = previous_run(config.output_dir)
+    if found and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        raise OutputDirInUseError(
+            f"{config.output_dir} holds a previous run ({found}). Resume it with --resume_from_checkpoint latest, "
+            f"start over there with --overwrite_output_dir true (removes its checkpoints, log and pipeline), or "
+            f"choose another --output_dir"
+        )
+    return found
+
+
+class GracefulInterrupt:
+    """While active (main thread only): the first Ctrl+C asks the loop to stop after the current step (it saves a
+    checkpoint and raises TrainingInterrupted); a second one aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl+C raises KeyboardInterrupt
+        print("\nCtrl+C: finishing this step, then saving a checkpoint (Ctrl+C again aborts at once)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def stop_now(self, accelerator) -> bool:
+        """Whether any process was interrupted (a collective when there are several processes)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.gather(flag).max() > 0)
 
 
 def make_optimizer(params, config: LoopConfig) -> torch.optim.Optimizer:
@@ -320,6 +386,7 @@ def run_training(
         logger.warning("accelerate launch says mixed_precision=%s, the training config %s: the training config's "
                        "is used", launched, config.mixed_precision)
     report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
+    previous = check_output_dir(config)  # before anything is written there
     os.makedirs(config.output_dir, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -333,6 +400,11 @@ def run_training(
     lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
     if lock is not None:
         lock.acquire()  # refuses at once if a live run holds the folder
+        if previous and config.overwrite_output_dir and not config.resume_from_checkpoint:
+            logger.warning("overwrite_output_dir: removing the previous run in %s (%s)", config.output_dir, previous)
+            for name in ("checkpoints", "pipeline"):
+                shutil.rmtree(os.path.join(config.output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
     try:
         return _run_training(
             accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
@@ -538,77 +610,89 @@ def _run_training(
     window = LogWindow()
     nonfinite_loss = torch.zeros((), dtype=torch.bool, device=accelerator.device)  # over the accumulated micro-steps
     epoch = global_step // steps_per_epoch
-    while global_step < config.max_train_steps:
-        dataloader.set_epoch(epoch)
-        train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
-        skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
-        for batch in batches:
-            with accelerator.accumulate(model):
-                loss, logs = loss_fn(model, batch)
-                accelerator.backward(loss)
-                nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
-                grad_norm, step_ok = None, True
-                if accelerator.sync_gradients:
-                    if held_fixed_fn is not None:
-                        # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
-                        for p in held_fixed_fn(global_step):
-                            p.grad = None
-                    # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
-                    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                    step_ok, why = finite_step(accelerator, nonfinite_loss, grad_norm)
-                    nonfinite_loss.zero_()
+    with GracefulInterrupt() as interrupt:
+        while global_step < config.max_train_steps:
+            dataloader.set_epoch(epoch)
+            train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
+            skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss, logs = loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
+                    grad_norm, step_ok = None, True
+                    if accelerator.sync_gradients:
+                        if held_fixed_fn is not None:
+                            # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
+                            for p in held_fixed_fn(global_step):
+                                p.grad = None
+                        # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
+                        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                        step_ok, why = finite_step(accelerator, nonfinite_loss, grad_norm)
+                        nonfinite_loss.zero_()
+                    if step_ok:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
                 if step_ok:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if step_ok:
-                nonfinite["consecutive_nonfinite_steps"] = 0
-                if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
-                    ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
-            else:
-                nonfinite["nonfinite_steps"] += 1
-                nonfinite["consecutive_nonfinite_steps"] += 1
-                logger.warning(
-                    "step %d: %s; skipped (no optimizer, lr or EMA update), %d in a row",
-                    global_step, why, nonfinite["consecutive_nonfinite_steps"],
-                )
-            last_loss = accelerator.gather(loss.detach()[None]).mean().item()
-            if step_ok:  # a skipped step's NaN/inf would poison the window's means; it is counted instead
-                window.add({"loss": last_loss, **logs})
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}")
-            if global_step % config.log_every == 0 or global_step == config.max_train_steps or not step_ok:
-                elapsed = time.perf_counter() - tic
-                row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                row["nonfinite_steps"] = nonfinite["nonfinite_steps"]
-                row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
-                tic, window_start_step = time.perf_counter(), global_step
-                log.append(row)
-                if report_to:
-                    accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
-            if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
-                accelerator.end_training()
-                kept = list_checkpoints(checkpoint_dir)
-                raise NonFiniteLossError(
-                    f"step {global_step}: {nonfinite['consecutive_nonfinite_steps']} consecutive steps with a "
-                    f"non-finite loss or gradient norm ({why}); stopping (max_consecutive_nonfinite_steps="
-                    f"{config.max_consecutive_nonfinite_steps}). Nothing was saved from them; last checkpoint: "
-                    f"{kept[-1][1] if kept else 'none'}. Lower the learning rate, set max_grad_norm, or check the data."
-                )
-            if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
-                save_checkpoint(global_step)
-            if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
-                validate(global_step)
-            if global_step >= config.max_train_steps:
-                break
-        epoch += 1
+                    nonfinite["consecutive_nonfinite_steps"] = 0
+                    if ema is not None and not optimizer.step_was_skipped:  # (fp16: the grad scaler skipped it)
+                        ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
+                else:
+                    nonfinite["nonfinite_steps"] += 1
+                    nonfinite["consecutive_nonfinite_steps"] += 1
+                    logger.warning(
+                        "step %d: %s; skipped (no optimizer, lr or EMA update), %d in a row",
+                        global_step, why, nonfinite["consecutive_nonfinite_steps"],
+                    )
+                last_loss = accelerator.gather(loss.detach()[None]).mean().item()
+                if step_ok:  # a skipped step's NaN/inf would poison the window's means; it is counted instead
+                    window.add({"loss": last_loss, **logs})
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}")
+                if global_step % config.log_every == 0 or global_step == config.max_train_steps or not step_ok:
+                    elapsed = time.perf_counter() - tic
+                    row = {"step": global_step, **window.pop_means(), "lr": lr_scheduler.get_last_lr()[0]}
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    row["nonfinite_steps"] = nonfinite["nonfinite_steps"]
+                    row["it_per_s"] = (global_step - window_start_step) / max(elapsed, 1e-9)
+                    tic, window_start_step = time.perf_counter(), global_step
+                    log.append(row)
+                    if report_to:
+                        accelerator.log({k: v for k, v in row.items() if k != "step"}, step=global_step)
+                if nonfinite["consecutive_nonfinite_steps"] >= max(1, config.max_consecutive_nonfinite_steps):
+                    accelerator.end_training()
+                    kept = list_checkpoints(checkpoint_dir)
+                    raise NonFiniteLossError(
+                        f"step {global_step}: {nonfinite['consecutive_nonfinite_steps']} consecutive steps with a "
+                        f"non-finite loss or gradient norm ({why}); stopping (max_consecutive_nonfinite_steps="
+                        f"{config.max_consecutive_nonfinite_steps}). Nothing was saved from them; last checkpoint: "
+                        f"{kept[-1][1] if kept else 'none'}. Lower the learning rate, set max_grad_norm, or check the data."
+                    )
+                if config.checkpointing_steps and global_step % config.checkpointing_steps == 0:
+                    save_checkpoint(global_step)
+                if sample_fn and config.validation_steps and global_step % config.validation_steps == 0:
+                    validate(global_step)
+                if interrupt.stop_now(accelerator):
+                    kept = list_checkpoints(checkpoint_dir)
+                    if not kept or kept[-1][0] != global_step:
+                        save_checkpoint(global_step)
+                    kept = list_checkpoints(checkpoint_dir)
+                    accelerator.end_training()
+                    raise TrainingInterrupted(
+                        f"interrupted after step {global_step}; checkpoint "
+                        f"{kept[-1][1] if kept else '(none: a skipped non-finite step)'}. Resume with the same "
+                        f"command and --resume_from_checkpoint latest"
+                    )
+                if global_step >= config.max_train_steps:
+                    break
+            epoch += 1
     progress.close()
 
     if config.checkpointing_steps and global_step % config.checkpointing_steps != 0:

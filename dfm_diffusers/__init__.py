@@ -2,9 +2,10 @@
 
 The public names load on first use (``import dfm_diffusers`` alone imports neither torch nor diffusers)."""
 
-from .utils import lazy_exports
+from .utils import drop_bitsandbytes_kernel_notice, lazy_exports
 
 __version__ = "0.1.0"
+drop_bitsandbytes_kernel_notice()
 
 _EXPORTS = {
     "LaplacianDecomposition": ".decomposition",

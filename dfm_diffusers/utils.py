@@ -57,6 +57,23 @@ def quiet_dependency_imports():
             logger.setLevel(level)
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def drop_bitsandbytes_kernel_notice() -> None:
+    """Drop bitsandbytes' import-time notice that its optional CPU kernel package ("kernels") is missing, which
+    every diffusers model import prints on CPUs with AVX512-BF16 (nothing else that logger says is dropped)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropMessage) for f in logger.filters):
+        logger.addFilter(_DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+
+
 def lazy_exports(package: str, exports: dict[str, str]):
     """(``__getattr__``, ``__dir__``) for a package whose public names are imported on first use, as diffusers' own
     lazy modules do: ``exports`` maps each name to the submodule (relative to ``package``) that defines it."""

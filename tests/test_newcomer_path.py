@@ -151,3 +151,18 @@ def test_import_is_quiet_and_lazy(tmp_path):
     assert result["lazy"] and not result["flux"]
     assert result["bare"] < 1.0  # seconds: nothing heavy is imported
     assert done.stderr.strip() == ""
+
+
+def test_trainer_with_a_missing_data_set_ends_in_one_message(tmp_path):
+    """The real command line: a missing data set is one message naming it and exit status 1, no traceback and no
+    dependency warnings."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "train_dfm_dit.py"), "--dataset", str(tmp_path / "no-such-data"),
+         "--output_dir", str(tmp_path / "out"), "--max_train_steps", "2", "--report_to", "none"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("train_dfm_dit.py: error: could not load dataset") and "no-such-data" in lines[0]
+    assert lines[1:] == ["(run again with --debug for the traceback)"] and "Traceback" not in done.stderr

@@ -34,7 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers import AutoencoderKL, FasterCacheConfig, FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 from diffusers import PyramidAttentionBroadcastConfig  # noqa: E402
-from diffusers.hooks import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig, TextKVCacheConfig  # noqa: E402
+from diffusers.hooks import (  # noqa: E402
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    TaylorSeerCacheConfig,
+    TextKVCacheConfig,
+)
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
 
 from bench.bench_pipeline import FLUX_SCHEDULER, FLUX_VAE, SMALL_VAE, sync  # noqa: E402

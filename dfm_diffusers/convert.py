@@ -38,7 +38,8 @@ def main(argv=None):
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
     parser.add_argument("--self-contained", action="store_true",
-                        help="also write the pipeline's code, for DiffusionPipeline.from_pretrained(..., trust_remote_code=True)")
+                        help="also write the pipeline's code (for DiffusionPipeline.from_pretrained(..., "
+                        "trust_remote_code=True))")
     args = parser.parse_args(argv)
 
     factors = args.stage_factors[0] if len(args.stage_factors) == 1 else args.stage_factors

@@ -1,6 +1,7 @@
 """Loading and saving helpers of the DFM models: a strict ``from_pretrained`` (a checkpoint whose config.json does not
-match its weights -- missing, unexpected or differently shaped parameters -- is one ValueError naming the folder, never
-a model with parameters left on the meta device, randomly initialised, or silently dropped) and self-contained saving."""
+match its weights -- missing, unexpected or differently shaped parameters -- is one ValueError naming the folder,
+never a model with parameters left on the meta device, randomly initialised, or silently dropped) and self-contained
+saving."""
 
 from __future__ import annotations
 

@@ -300,7 +300,7 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
         return DFMTransformer2DModelOutput(sample=output)
 
     @staticmethod
-    def _position_ids(txt_ids, img_ids, text_len: int, grid: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _position_ids(txt_ids, img_ids, text_len: int, grid: tuple[int, int], device):
         """(txt_ids [L, 3], img_ids [N, 3]): the given ones checked (3-D: deprecated, first row used, as FLUX does)
         or the defaults: zeros for the text, FluxPipeline._prepare_latent_image_ids for the token grid."""
         ids = {}

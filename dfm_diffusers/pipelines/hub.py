@@ -160,7 +160,8 @@ class DFMHubMixin:
     @classmethod
     def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
         """ConfigMixin.load_config; a self-contained folder's model_index.json comes back pointing at the installed
-        library (:func:`dfm_diffusers.remote_code.library_model_index`), so from_pretrained builds the library's classes."""
+        library (:func:`dfm_diffusers.remote_code.library_model_index`), so from_pretrained builds the library's
+        classes."""
         out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
         folder = str(pretrained_model_name_or_path)
         folder = os.path.dirname(folder) if folder.endswith(".json") else folder

@@ -124,8 +124,8 @@ class DFMLoraExportMixin:
 
     @classmethod
     def from_lora_export(
-        cls, folder: str, base: str | None = None, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
-        **kwargs,
+        cls, folder: str, base: str | None = None, dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None, **kwargs,
     ):
         """The trained pipeline of a LoRA export: its base (``base``, default the one named in the export: a
         FluxPipeline is converted with the export's num_stages / stage_factors / stage_upsampling, a DFMPipeline

@@ -223,8 +223,8 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
                 raise ValueError(
                     f"this LoRA adapts FLUX's {flux_only[:3]}, which this DFM transformer has no counterpart for: its "
                     f"stage 0 has patch size {self.transformer.stage_layers.patch_sizes[0]} "
-                    f"(stage_upsampling={self.transformer.config.stage_upsampling}), not FLUX's 2x2 packing. Use a model "
-                    f"converted with the default stage_upsampling, or a LoRA without those parts"
+                    f"(stage_upsampling={self.transformer.config.stage_upsampling}), not FLUX's 2x2 packing. Use a "
+                    f"model converted with the default stage_upsampling, or a LoRA without those parts"
                 )
         return super().load_lora_weights(
             pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, hotswap=hotswap, **kwargs

@@ -38,6 +38,8 @@ setup(
         "fid": ["torch-fidelity>=0.4,<0.5"],
         # the optional perceptual term of the VAE adaptation (weights supplied by the user)
         "lpips": ["lpips>=0.1.4,<0.2"],
+        # the live demo, python -m dfm_diffusers.app (gradio 6.31 needs pillow < 13)
+        "app": ["gradio>=6.31,<7"],
     },
     license="Apache-2.0",
 )

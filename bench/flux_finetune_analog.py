@@ -229,7 +229,8 @@ def generate(model, text: TextBank, space: LatentSpace, labels, args, seed: int,
                    negative_pooled_prompt_embeds=neg_pooled, true_cfg_scale=args.cfg, guidance_scale=1.0,
                    height=16 * pipe.vae_scale_factor, width=16 * pipe.vae_scale_factor, generator=g,
                    output_type="latent", return_previews=previews)
-        images.append(space.decode(out.images.float()))
+        size = 16 * pipe.vae_scale_factor  # "latent" output is packed as FluxPipeline's; previews are not
+        images.append(space.decode(FluxPipeline._unpack_latents(out.images, size, size, pipe.vae_scale_factor).float()))
         if previews and stage_previews is None:
             stage_previews = [space.decode(p.float()) for p in out.previews]
     return torch.cat(images), stage_previews

@@ -1,25 +1,26 @@
-"""dfm_diffusers: Decomposable Flow Matching (arXiv 2506.19839) for Hugging Face diffusers."""
+"""dfm_diffusers: Decomposable Flow Matching (arXiv 2506.19839) for Hugging Face diffusers.
+
+The public names load on first use (``import dfm_diffusers`` alone imports neither torch nor diffusers)."""
+
+from .utils import drop_bitsandbytes_kernel_notice, lazy_exports
 
 __version__ = "0.1.0"
+drop_bitsandbytes_kernel_notice()
 
-from .decomposition import LaplacianDecomposition
-from .models import DFMTransformer2DModel
-from .models import DFMDiTTransformer2DModel
-from .pipelines import DFMDiTPipeline, DFMPipeline, DFMPipelineOutput, convert_official_checkpoint
-from .schedulers import DFMScheduler
-from .training import DFMTrainingSigmas, dfm_loss, noise_stages, sample_dfm_training_sigmas
+_EXPORTS = {
+    "LaplacianDecomposition": ".decomposition",
+    "DFMTransformer2DModel": ".models.transformer_dfm_flux",
+    "DFMDiTTransformer2DModel": ".models.transformer_dfm_dit",
+    "DFMPipeline": ".pipelines.pipeline_dfm",
+    "DFMDiTPipeline": ".pipelines.pipeline_dfm_dit",
+    "DFMPipelineOutput": ".pipelines.stagewise",
+    "convert_official_checkpoint": ".pipelines.official",
+    "DFMScheduler": ".schedulers",
+    "DFMTrainingSigmas": ".training",
+    "dfm_loss": ".training",
+    "noise_stages": ".training",
+    "sample_dfm_training_sigmas": ".training",
+}
 
-__all__ = [
-    "DFMDiTTransformer2DModel",
-    "LaplacianDecomposition",
-    "DFMTransformer2DModel",
-    "DFMScheduler",
-    "DFMPipeline",
-    "DFMPipelineOutput",
-    "DFMDiTPipeline",
-    "convert_official_checkpoint",
-    "DFMTrainingSigmas",
-    "dfm_loss",
-    "noise_stages",
-    "sample_dfm_training_sigmas",
-]
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -4,12 +4,13 @@ FLUX (local folder or Hub id) -> DFMPipeline:
 
     python -m dfm_diffusers.convert [flux] --flux black-forest-labs/FLUX.1-dev --output ./flux-dfm \
         [--num-stages 2] [--stage-factors 2] [--steps-per-stage 30 10] [--stage-thresholds 0.1] \
-        [--torch-dtype bfloat16] [--push-to-hub user/flux-dfm]
+        [--torch-dtype bfloat16] [--self-contained] [--push-to-hub user/flux-dfm]
 
 Stage 0 is carried at the full latent resolution and reuses FLUX's patch embedding, timestep embedder and output
 head verbatim (paper appendix E, see DFMTransformer2DModel); by default (--new-stage-init band_split) later stages
 reuse them too, split into bands, so the converted model samples like FLUX before any finetuning. Any stage factors
-work (--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2).
+work (--stage-factors 4: 256 -> 1024 px; --num-stages 3 --stage-factors 2 2). --self-contained writes the library's
+code next to the weights (local folder and pushed repo), so plain diffusers loads them with trust_remote_code=True.
 
 An official DFM-SiT / SiT / REPA checkpoint -> DFMDiTPipeline with the official model's outputs
 (docs/official_checkpoints.md):
@@ -60,10 +61,13 @@ def main_flux(argv):
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
+    parser.add_argument("--self-contained", action="store_true",
+                        help="also write the pipeline's code (for DiffusionPipeline.from_pretrained(..., "
+                        "trust_remote_code=True))")
     args = parser.parse_args(argv)
 
     factors = args.stage_factors[0] if len(args.stage_factors) == 1 else args.stage_factors
-    flux = FluxPipeline.from_pretrained(args.flux, torch_dtype=DTYPES[args.torch_dtype], revision=args.revision)
+    flux = FluxPipeline.from_pretrained(args.flux, dtype=DTYPES[args.torch_dtype], revision=args.revision)
     pipe = DFMPipeline.from_flux_pipeline(
         flux,
         num_stages=args.num_stages,
@@ -72,10 +76,10 @@ def main_flux(argv):
         stage_thresholds=args.stage_thresholds,
         new_stage_init=args.new_stage_init,
     )
-    pipe.save_pretrained(args.output)
+    pipe.save_pretrained(args.output, self_contained=args.self_contained)
     print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")
     if args.push_to_hub:
-        repo = pipe.push_to_hub(args.push_to_hub, base_model=args.flux)
+        repo = pipe.push_to_hub(args.push_to_hub, base_model=args.flux, self_contained=args.self_contained)
         print(f"pushed to https://huggingface.co/{repo}")
     return pipe
 

@@ -63,7 +63,9 @@ def pyramid_demo(output_dir: str, num_stages: int = 3, resolution: int = 256) ->
     return paths
 
 
-DEFAULT_CONFIG = os.path.join("examples", "configs", "quickstart_fashion_mnist.yaml")
+# the repository's example config, found from any working directory (the package sits next to examples/)
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs",
+                              "quickstart_fashion_mnist.yaml")
 #: What the same command changes when a CUDA GPU is present: a longer run of a bigger model.
 GPU_OVERRIDES = dict(
     model="DFM-DiT-S/2", model_kwargs={}, train_batch_size=256, max_train_steps=4000, learning_rate=3e-4,
@@ -103,6 +105,10 @@ def main(argv=None):
     parser.add_argument("--output-dir", default=None, help="overrides the config's output_dir")
     parser.add_argument("--cpu", action="store_true", help="use the CPU settings even if a GPU is present")
     args, overrides = parser.parse_known_args(argv)
+    if not os.path.isfile(args.config):
+        print(f"quickstart stopped: config {args.config} not found; pass --config PATH (the repository's is "
+              f"examples/configs/quickstart_fashion_mnist.yaml)", file=sys.stderr)
+        return 2
     if args.output_dir:
         overrides += ["--output_dir", args.output_dir]
     try:
@@ -112,6 +118,8 @@ def main(argv=None):
                 if not any(o.lstrip("-").split("=")[0].replace("-", "_") == key for o in overrides):
                     setattr(config, key, value)
             print(f"CUDA GPU found: a longer run ({config.max_train_steps} steps of {config.model})")
+        if not config.resume_from_checkpoint and "--overwrite_output_dir" not in overrides:
+            config.overwrite_output_dir = True  # a demo: running it again starts it over
         check_config(config)  # the GPU settings too, before anything is written or loaded
     except ConfigError as e:
         print(f"quickstart stopped: {e}", file=sys.stderr)

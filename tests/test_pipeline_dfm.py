@@ -73,8 +73,8 @@ def test_transformer_receives_the_scheduler_table(dfm_pipe):
     seen = []
     out = dfm_pipe(
         "a cat", height=H, width=W, generator=gen(), output_type="pt", num_images_per_prompt=2,
-        callback_on_step_end=lambda p, i, t, kw: seen.append((i, kw["stage_index"], kw["stage_sigmas"].clone(),
-                                                               [x.shape for x in kw["latents"]])) or {},
+        callback_on_step_end=lambda p, i, t, kw: seen.append((i, p.stage_index, p.stage_sigmas.clone(),
+                                                               [x.shape for x in p.unpack_stage_latents(kw["latents"], H, W)])) or {},
     )
     sched = dfm_pipe.scheduler
     assert len(calls) == sched.num_inference_steps == 5
@@ -239,12 +239,12 @@ def test_push_to_hub_uploads_folder_with_model_card(dfm_pipe, monkeypatch):
     card = uploaded["card"]
     assert "base_model: black-forest-labs/FLUX.1-dev" in card and "stages: 2" in card
     assert "[0.3]" in card and "0.7" in card and 'DFMPipeline.from_pretrained("someone/tiny-dfm"' in card
-    assert uploaded["index"]["_class_name"] == "DFMPipeline"
+    assert uploaded["index"]["_class_name"] == ["pipeline_dfm", "DFMPipeline"]  # self-contained by default
 
 
 def test_bad_inputs_raise(dfm_pipe):
-    with pytest.raises(ValueError, match="height and width must be divisible by 4"):
-        dfm_pipe("a cat", height=30, width=W)
+    with pytest.raises(ValueError, match="height and width must be at least 4"):
+        dfm_pipe("a cat", height=3, width=W)
     with pytest.raises(ValueError, match="steps_per_stage"):
         dfm_pipe("a cat", height=H, width=W, steps_per_stage=[3, 2, 1])
     with pytest.raises(ValueError, match="latents"):

@@ -346,7 +346,8 @@ BAD_INPUTS = {
     "text batch": lambda i: i.update(encoder_hidden_states=i["encoder_hidden_states"][:1]),
     "pooled batch": lambda i: i.update(pooled_projections=i["pooled_projections"][:1]),
     "missing guidance": lambda i: i.update(guidance=None),
-    "txt_ids shape": lambda i: i.update(txt_ids=torch.zeros(1, 5, 3)),
+    "txt_ids shape": lambda i: i.update(txt_ids=torch.zeros(4, 3)),  # (a 3-D [1, L, 3] is deprecated, not wrong)
+    "img_ids shape": lambda i: i.update(img_ids=torch.zeros(5, 3)),
 }
 
 

@@ -175,7 +175,7 @@ def _load_vae(vae, vae_subfolder, device, dtype):
     if isinstance(vae, (str, os.PathLike)):
         vae_id = os.path.abspath(vae) if os.path.isdir(vae) else os.fspath(vae)
         try:
-            vae = AutoencoderKL.from_pretrained(vae, subfolder=vae_subfolder, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(vae, subfolder=vae_subfolder, dtype=dtype)
         except Exception as err:
             raise ValueError(f"could not load an AutoencoderKL from {vae!r} (subfolder {vae_subfolder!r}): {err}") from err
     else:

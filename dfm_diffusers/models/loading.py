@@ -1,10 +1,38 @@
-"""Strict ``from_pretrained`` for the DFM models: a checkpoint whose config.json does not match its weights (missing,
-unexpected or differently shaped parameters) is one ValueError naming the folder, never a model with parameters
-left on the meta device, randomly initialised, or silently dropped."""
+"""Loading and saving helpers of the DFM models: a strict ``from_pretrained`` (a checkpoint whose config.json does not
+match its weights -- missing, unexpected or differently shaped parameters -- is one ValueError naming the folder,
+never a model with parameters left on the meta device, randomly initialised, or silently dropped) and self-contained
+saving."""
 
 from __future__ import annotations
 
 import os
+
+from diffusers import ModelMixin
+
+from ..remote_code import running_as_library, self_contained_signature, write_self_contained_model
+
+
+class SelfContainedModelMixin:
+    """``save_pretrained(..., self_contained=True)`` writes the model's code next to its weights with an ``auto_map``
+    in config.json, so that plain diffusers loads it with ``AutoModel.from_pretrained(folder, trust_remote_code=True)``
+    (:mod:`dfm_diffusers.remote_code`); loading drops ``auto_map``, which is not a config attribute of the model."""
+
+    @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        return super().extract_init_dict({k: v for k, v in config_dict.items() if k != "auto_map"}, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
+        """ModelMixin.save_pretrained; ``self_contained`` (default: only when this model was itself loaded as remote
+        code) also writes the code, see the class docstring."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self_contained is None:
+            self_contained = not running_as_library()
+        if self_contained:
+            write_self_contained_model(self, os.fspath(save_directory))
+
+
+# diffusers passes safe_serialization / variant / ... to a component's save_pretrained only if its signature names them
+SelfContainedModelMixin.save_pretrained.__signature__ = self_contained_signature(ModelMixin.save_pretrained)
 
 
 def strict_from_pretrained(cls, load, pretrained_model_name_or_path, kwargs: dict, hint: str = ""):

@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..utils import normalize_stage_factors
-from .loading import strict_from_pretrained
+from .loading import SelfContainedModelMixin, strict_from_pretrained
 from .stage_layers import DFMStageLayers, check_values, stage_activity
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ class DFMDiTTransformer2DModelOutput(BaseOutput):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
+class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin):
     r"""Class-conditional DiT with Decomposable Flow Matching stages.
 
     Args:

@@ -46,7 +46,8 @@ that loss is 3.8x its optimum at sigma 0.1 at factor 2, 14.8x at factor 4, falli
 finetuning learns; it never reaches the image.
 The first implementation stays available as ``stage_upsampling=[1, 1]`` (factor 2 only), for comparisons.
 
-Not supported (FLUX's forward has them): ControlNet residuals, IP-Adapter image embeds, context parallelism.
+Not supported (FLUX's forward has them): ControlNet residuals, context parallelism. IP-Adapters work as in FLUX
+(``joint_attention_kwargs["ip_adapter_image_embeds"]``, loaded with the pipeline's ``load_ip_adapter``).
 """
 
 from __future__ import annotations
@@ -59,12 +60,14 @@ from typing import Any, Sequence
 import torch
 from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401  (pipeline loaders look up ModelMixin here)
 from diffusers.configuration_utils import register_to_config
-from diffusers.utils import BaseOutput, apply_lora_scale
+from diffusers.utils import BaseOutput, apply_lora_scale, logging
 
 from ..decomposition.laplacian import block_projection
 from ..utils import normalize_stage_factors
-from .loading import strict_from_pretrained
+from .loading import SelfContainedModelMixin, strict_from_pretrained
 from .stage_layers import DFMStageLayers, StageOutputHead, stage_activity, stage_patch_sizes
+
+logger = logging.get_logger(__name__)
 
 # FLUX packs 2x2 latent pixels into one token: the finest stage's patch size.
 FLUX_PACKING = 2
@@ -115,7 +118,7 @@ class DFMTransformer2DModelOutput(BaseOutput):
     sample: list[torch.Tensor]
 
 
-class DFMTransformer2DModel(FluxTransformer2DModel):
+class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
     """FLUX with per-stage input projections, timestep embedders, stage-index embedding and output heads.
 
     Config: every FluxTransformer2DModel argument (``in_channels`` keeps FLUX's meaning: latent channels x 2x2
@@ -229,6 +232,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         txt_ids: torch.Tensor | None = None,
         joint_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        img_ids: torch.Tensor | None = None,
     ) -> DFMTransformer2DModelOutput | tuple[list[torch.Tensor]]:
         """
         Args:
@@ -240,7 +244,11 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             num_active_stages: [B] integers in 1..S; inactive stages' inputs are ignored and their outputs are 0.
             guidance: [B] guidance scale, required iff the config has guidance_embeds.
             txt_ids: [L, 3] text position ids (default zeros, as FluxPipeline uses).
-            joint_attention_kwargs: passed to the attention processors (``scale`` sets the LoRA scale).
+            joint_attention_kwargs: passed to the attention processors (``scale`` sets the LoRA scale;
+                ``ip_adapter_image_embeds`` feeds a loaded IP-Adapter, as in FLUX).
+            img_ids: [N, 3] position ids of the shared token grid (default: FluxPipeline._prepare_latent_image_ids of
+                the finest stage's grid). A 3-D ``txt_ids`` / ``img_ids`` (with a batch axis) is deprecated, as in
+                FLUX: the first row is used, with a warning.
         Returns:
             DFMTransformer2DModelOutput whose ``sample`` is the list of S velocities shaped like the inputs,
             or ``(sample,)`` if not return_dict. Image position ids are built from the finest stage's token grid
@@ -266,10 +274,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             )
         device = hidden_states[-1].device
         text_len = encoder_hidden_states.shape[1]
-        if txt_ids is None:
-            txt_ids = torch.zeros(text_len, 3, device=device)
-        elif tuple(txt_ids.shape) != (text_len, 3):
-            raise ValueError(f"txt_ids must be [L, 3] = [{text_len}, 3], got {tuple(txt_ids.shape)}")
+        txt_ids, img_ids = self._position_ids(txt_ids, img_ids, text_len, grid, device)
 
         # Per-stage patch embeddings (stage s with its own patch size), summed; inactive stages contribute nothing.
         active = stage_activity(num_active_stages, layers.num_stages)
@@ -289,13 +294,10 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         )
         temb = temb + layers.embed_conditioning(timestep, num_active_stages, temb.dtype)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-
-        # Image position ids of the shared token grid (FluxPipeline._prepare_latent_image_ids).
-        img_ids = torch.zeros(grid[0], grid[1], 3, device=device)
-        img_ids[..., 1] = torch.arange(grid[0], device=device)[:, None]
-        img_ids[..., 2] = torch.arange(grid[1], device=device)[None, :]
-        img_ids = img_ids.reshape(grid[0] * grid[1], 3)
         image_rotary_emb = self.pos_embed(torch.cat((txt_ids.to(img_ids.dtype), img_ids), dim=0))
+        if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
+            ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
+            joint_attention_kwargs["ip_hidden_states"] = self.encoder_hid_proj(ip_adapter_image_embeds)
 
         for block in [*self.transformer_blocks, *self.single_transformer_blocks]:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -364,6 +366,30 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
         var = timestep[:, 0].float() ** 2 * (1 / r[0] ** 2 + finer)
         bands = (timestep[:, 1:].float() ** 2 * band_fraction * (index[:, 1:] <= k)).sum(1)
         return (var + bands).sqrt().to(timestep.dtype)
+
+    @staticmethod
+    def _position_ids(txt_ids, img_ids, text_len: int, grid: tuple[int, int], device):
+        """(txt_ids [L, 3], img_ids [N, 3]): the given ones checked (3-D: deprecated, first row used, as FLUX does)
+        or the defaults: zeros for the text, FluxPipeline._prepare_latent_image_ids for the token grid."""
+        ids = {}
+        for name, value, rows in (("txt_ids", txt_ids, text_len), ("img_ids", img_ids, grid[0] * grid[1])):
+            if value is not None and value.ndim == 3:
+                logger.warning(
+                    f"Passing `{name}` 3d torch.Tensor is deprecated. Please remove the batch dimension and pass it as "
+                    f"a 2d torch Tensor"
+                )
+                value = value[0]
+            if value is not None and tuple(value.shape) != (rows, 3):
+                raise ValueError(f"{name} must be [{rows}, 3], got {tuple(value.shape)}")
+            ids[name] = value
+        if ids["txt_ids"] is None:
+            ids["txt_ids"] = torch.zeros(text_len, 3, device=device)
+        if ids["img_ids"] is None:
+            img = torch.zeros(grid[0], grid[1], 3, device=device)
+            img[..., 1] = torch.arange(grid[0], device=device)[:, None]
+            img[..., 2] = torch.arange(grid[1], device=device)[None, :]
+            ids["img_ids"] = img.reshape(grid[0] * grid[1], 3)
+        return ids["txt_ids"], ids["img_ids"].to(device)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -447,7 +473,7 @@ class DFMTransformer2DModel(FluxTransformer2DModel):
             flux_timestep = "noise_rms" if band_split else "stage_0"
         if isinstance(flux, (str, os.PathLike)):
             flux = FluxTransformer2DModel.from_pretrained(
-                flux, subfolder=subfolder, torch_dtype=torch_dtype, **load_kwargs
+                flux, subfolder=subfolder, dtype=torch_dtype, **load_kwargs
             )
             share_weights = True  # nobody else holds this instance
         elif subfolder is not None or load_kwargs:

@@ -1,8 +1,14 @@
-"""DFM pipelines: text-to-image (FLUX-based) and class-conditional (DiT-based)."""
+"""DFM pipelines: text-to-image (FLUX-based) and class-conditional (DiT-based). Loaded on first use, so that
+DiT-only code does not import FLUX's pipeline (and its text and image encoders' modules)."""
 
-from .pipeline_dfm import DFMPipeline
-from .official import convert_official_checkpoint
-from .pipeline_dfm_dit import DFMDiTPipeline
-from .stagewise import DFMPipelineOutput
+from ..utils import lazy_exports
 
-__all__ = ["DFMPipeline", "DFMPipelineOutput", "DFMDiTPipeline", "convert_official_checkpoint"]
+_EXPORTS = {
+    "DFMPipeline": ".pipeline_dfm",
+    "DFMDiTPipeline": ".pipeline_dfm_dit",
+    "DFMPipelineOutput": ".stagewise",
+    "convert_official_checkpoint": ".official",
+}
+
+__all__ = list(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

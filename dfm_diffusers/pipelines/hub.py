@@ -2,7 +2,10 @@
 
 diffusers' own Hub download path rejects components whose library is a pip package other than diffusers /
 transformers, so ``from_pretrained`` resolves a repo id with ``huggingface_hub.snapshot_download`` first and
-then loads the local folder. ``push_to_hub`` saves the pipeline, writes a model card and uploads the folder.
+then loads the local folder. ``save_pretrained(..., self_contained=True)`` also writes the library's code into the
+folder (:mod:`dfm_diffusers.remote_code`), so plain diffusers loads it with ``trust_remote_code=True``; the library loads such
+folders with its own installed classes. ``push_to_hub`` saves the pipeline (self-contained by default), uploads it,
+then writes a model card whose snippets pin the uploaded revision.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ import os
 import struct
 import tempfile
 
+from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi, snapshot_download
+
+from ..remote_code import library_model_index, running_as_library, self_contained_signature, write_self_contained
 
 _SNAPSHOT_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
@@ -32,6 +38,12 @@ def safetensors_problem(path: str) -> str | None:
     if 8 + header_len + end != size:
         return f"truncated or padded: {size} bytes, but its header describes {8 + header_len + end}"
     return None
+
+
+def pipeline_class_name(index: dict) -> str | None:
+    """The pipeline class a model_index.json names (a self-contained folder names it as [module, class])."""
+    name = index.get("_class_name")
+    return name[-1] if isinstance(name, (list, tuple)) and name else name
 
 
 def _pipeline_classes(cls) -> set[str]:
@@ -54,6 +66,28 @@ def _wrong_class_hint(cls, folder: str, class_name) -> str:
     return f"load it with its own pipeline class, or convert it to a {cls.__name__}"
 
 
+def looks_like_a_path(name: str) -> bool:
+    """True for names that cannot be Hub repo ids ("name" or "owner/name") and so mean a local path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+def download_pipeline(name: str, **snapshot_kwargs) -> str:
+    """The local folder of ``name``: a Hub repo id downloaded with snapshot_download. ValueError saying "folder not
+    found" for what can only be a local path, and naming both readings when the repo cannot be had either."""
+    if os.path.exists(name):
+        raise ValueError(f"{name} is a file, not a pipeline folder")
+    if looks_like_a_path(name):
+        raise ValueError(f"folder not found: {name} (a Hub repo id looks like 'owner/name')")
+    try:
+        return snapshot_download(name, **snapshot_kwargs)
+    except Exception as err:  # HFValidationError, RepositoryNotFoundError, offline mode, no connection, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{name}: no such local folder, and it could not be loaded as a Hub repo id ({type(err).__name__}: "
+            f"{reason})"
+        ) from err
+
+
 def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> None:
     """ValueError naming the folder or file for a pipeline folder that ``cls`` cannot load completely: no or a bad
     model_index.json, another pipeline class (a FluxPipeline needs converting), or a model component whose weight
@@ -61,13 +95,18 @@ def check_pipeline_folder(cls, folder: str, passed: set[str] = frozenset()) -> N
     before anything is loaded."""
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
+        if os.path.isfile(os.path.join(folder, "dfm_lora_config.json")):
+            raise ValueError(
+                f"{folder} is a DFM LoRA export (the trained layers and the name of their base), not a pipeline "
+                f"folder: load it with DFMPipeline.from_lora_export({folder!r})"
+            )
         raise ValueError(f"{folder} has no model_index.json: not a diffusers pipeline folder")
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
     except (OSError, ValueError) as err:
         raise ValueError(f"{index_path} is not readable JSON: {err}") from err
-    class_name = index.get("_class_name")
+    class_name = pipeline_class_name(index)
     if class_name not in _pipeline_classes(cls):
         raise ValueError(
             f"{folder} holds a {class_name}, not a {cls.__name__}: {_wrong_class_hint(cls, folder, class_name)}"
@@ -114,9 +153,34 @@ class DFMHubMixin:
             snapshot_kwargs = {k: kwargs.pop(k) for k in _SNAPSHOT_KWARGS if k in kwargs}
             if "token" not in snapshot_kwargs and "use_auth_token" in kwargs:
                 snapshot_kwargs["token"] = kwargs.pop("use_auth_token")
-            path = snapshot_download(path, **snapshot_kwargs)
+            path = download_pipeline(path, **snapshot_kwargs)
         check_pipeline_folder(cls, path, passed=set(kwargs))
         return super().from_pretrained(path, **kwargs)
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """ConfigMixin.load_config; a self-contained folder's model_index.json comes back pointing at the installed
+        library (:func:`dfm_diffusers.remote_code.library_model_index`), so from_pretrained builds the library's
+        classes."""
+        out = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        folder = str(pretrained_model_name_or_path)
+        folder = os.path.dirname(folder) if folder.endswith(".json") else folder
+        if isinstance(out, tuple):
+            return (library_model_index(out[0], folder), *out[1:])
+        return library_model_index(out, folder)
+
+    def save_pretrained(self, save_directory, *args, self_contained: bool | None = None, **kwargs):
+        """DiffusionPipeline.save_pretrained; ``self_contained=True`` also writes the code (see the module docstring)
+        so that plain diffusers loads the folder with ``trust_remote_code=True``. Default: False when run from the
+        installed library, True when this pipeline was itself loaded as remote code (its modules are not
+        importable by name elsewhere)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self_contained is None:
+            self_contained = not running_as_library()
+        if self_contained:
+            write_self_contained(self, str(save_directory))
+
+    save_pretrained.__signature__ = self_contained_signature(DiffusionPipeline.save_pretrained)
 
     def dfm_settings_lines(self) -> list[str]:
         """Markdown list items naming the transformer's and scheduler's DFM settings (for model cards)."""
@@ -137,10 +201,18 @@ class DFMHubMixin:
             f"- time shift: {'dynamic (FLUX mu)' if s.use_dynamic_shifting else f'static shift {s.shift}'}",
         ]
 
-    def model_card(self, repo_id: str, base_model: str | None = None, sampling: dict | None = None) -> str:
+    def model_card(
+        self,
+        repo_id: str,
+        base_model: str | None = None,
+        sampling: dict | None = None,
+        revision: str | None = None,
+        self_contained: bool = False,
+    ) -> str:
         """Markdown model card (with YAML metadata) describing the DFM settings and how to load; ``sampling``: the
         recommended call settings (e.g. ``{"true_cfg_scale": 3.0, "guidance_scale": 1.0}``), listed and used in
-        the example."""
+        the examples. ``self_contained``: the repo carries its code (save_pretrained(self_contained=True)), so the card
+        also shows loading it with diffusers alone, pinned to ``revision`` (the commit the code was uploaded in)."""
         pipeline_class = type(self).__name__
         meta = ["---", "library_name: diffusers", "license: other"]
         if base_model:
@@ -167,27 +239,45 @@ class DFMHubMixin:
                 lines += ["", "Without a negative prompt, true CFG guides against the empty prompt (what caption "
                           "dropout trained as the unconditional input)."]
             lines.append("")
+        if self.model_card_kind == "flux":
+            call = [f'out = pipe("a photo of a cat"{call_kwargs}, return_previews=True)',
+                    "out.images[0].save('cat.png')  # out.previews: one low-resolution preview per stage"]
+        else:
+            call = [f"out = pipe(class_labels=[1, 2, 3]{call_kwargs}, return_previews=True)",
+                    "out.images[0].save('sample.png')  # out.previews: one low-resolution preview per stage"]
         lines += [
             "## How to load",
+            "",
+            "With dfm-diffusers (`pip install dfm-diffusers`):",
             "",
             "```python",
             "import torch",
             f"from dfm_diffusers import {pipeline_class}",
             "",
-            f'pipe = {pipeline_class}.from_pretrained("{repo_id}", torch_dtype=torch.bfloat16)',
+            f'pipe = {pipeline_class}.from_pretrained("{repo_id}", dtype=torch.bfloat16)',
+            *call,
+            "```",
+            "",
         ]
-        if self.model_card_kind == "flux":
+        if self_contained:
+            pinned = f', revision="{revision}"' if revision else ""
             lines += [
-                f'out = pipe("a photo of a cat"{call_kwargs}, return_previews=True)',
-                "out.images[0].save('cat.png')  # out.previews: one low-resolution preview per stage",
+                "With diffusers alone: this repository also holds the pipeline's code (the `.py` files at the root and "
+                "in the component folders, copied from dfm-diffusers), which diffusers runs with "
+                "`trust_remote_code=True`. Remote code runs on your machine: read it first, and pin the revision you "
+                "read" + (" (the commit below is the one the code was uploaded in)." if revision else "."),
+                "",
+                "```python",
+                "import torch",
+                "from diffusers import DiffusionPipeline",
+                "",
+                f'pipe = DiffusionPipeline.from_pretrained("{repo_id}"{pinned}, trust_remote_code=True, '
+                f"dtype=torch.bfloat16)",
+                *call,
+                "```",
+                "",
             ]
-        else:
-            lines += [
-                f"out = pipe(class_labels=[1, 2, 3]{call_kwargs}, return_previews=True)",
-                "out.images[0].save('sample.png')  # out.previews: one low-resolution preview per stage",
-            ]
-        lines += ["```", "", "Install with `pip install dfm-diffusers`; the pipeline needs `import dfm_diffusers`."]
-        return "\n".join(meta + lines) + "\n"
+        return "\n".join(meta + lines)
 
     def push_to_hub(
         self,
@@ -199,18 +289,38 @@ class DFMHubMixin:
         safe_serialization: bool = True,
         variant: str | None = None,
         base_model: str | None = None,
+        self_contained: bool = True,
+        sampling: dict | None = None,
     ) -> str:
-        """Save the pipeline with a model card and upload it to ``repo_id``; returns the repo id."""
+        """Save the pipeline (self-contained unless ``self_contained=False``, see :meth:`save_pretrained`), upload it
+        to ``repo_id``, then upload a model card whose diffusers-only snippet pins the uploaded commit; returns the
+        repo id."""
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
-            with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-                f.write(self.model_card(repo_id, base_model=base_model))
-            api.upload_folder(
-                repo_id=repo_id,
-                folder_path=folder,
-                commit_message=commit_message or f"Upload {type(self).__name__}",
-                create_pr=create_pr,
+            self.save_pretrained(
+                folder, safe_serialization=safe_serialization, variant=variant, self_contained=self_contained
+            )
+            upload_with_model_card(
+                api, repo_id, folder, commit_message or f"Upload {type(self).__name__}", create_pr,
+                lambda revision: self.model_card(repo_id, base_model=base_model, sampling=sampling,
+                                                 revision=revision, self_contained=self_contained),
             )
         return repo_id
+
+
+def upload_with_model_card(api, repo_id: str, folder: str, commit_message: str, create_pr: bool, card) -> str:
+    """Upload ``folder`` to ``repo_id``, then its README.md = ``card(commit)`` naming the commit just made (a card
+    that pins the uploaded code cannot be part of that commit). Returns that commit's id."""
+    readme = os.path.join(folder, "README.md")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write(card(None))
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message, create_pr=create_pr)
+    commit = getattr(info, "oid", None)
+    if commit:
+        with open(readme, "w", encoding="utf-8") as f:
+            f.write(card(commit))
+        api.upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id=repo_id,
+                        commit_message="Model card: pin the revision of the uploaded code",
+                        revision=getattr(info, "pr_revision", None) if create_pr else None)
+    return commit

@@ -122,12 +122,16 @@ class DFMLoraExportMixin:
         return self
 
     @classmethod
-    def from_lora_export(cls, folder: str, base: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs):
+    def from_lora_export(
+        cls, folder: str, base: str | None = None, dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None, **kwargs,
+    ):
         """The trained pipeline of a LoRA export: its base (``base``, default the one named in the export: a
         FluxPipeline is converted with the export's num_stages / stage_factors / stage_upsampling, a DFMPipeline
         loaded) + :meth:`load_dfm_lora`. ``kwargs`` go to the base's from_pretrained."""
         from diffusers import FluxPipeline
 
+        dtype = dtype if dtype is not None else torch_dtype  # torch_dtype: diffusers' older name
         folder = _local(str(folder))
         info = read_lora_export(folder)
         if base is None:
@@ -139,12 +143,14 @@ class DFMLoraExportMixin:
         if info.get("vae") and "vae" not in kwargs:  # trained with --vae: that autoencoder replaces the base's
             from diffusers import AutoencoderKL
 
-            kwargs["vae"] = AutoencoderKL.from_pretrained(info["vae"], torch_dtype=torch_dtype)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(info["vae"], dtype=dtype)
+        from .hub import pipeline_class_name
+
         with open(os.path.join(base_path, "model_index.json"), encoding="utf-8") as f:
-            class_name = json.load(f).get("_class_name")
+            class_name = pipeline_class_name(json.load(f))
         if class_name == "FluxPipeline":
             config = info["transformer_config"]
-            flux = FluxPipeline.from_pretrained(base_path, torch_dtype=torch_dtype, **kwargs)
+            flux = FluxPipeline.from_pretrained(base_path, dtype=dtype, **kwargs)
             factors = config["stage_factors"]
             if isinstance(factors, list):
                 factors = factors[0] if len(set(factors)) == 1 else (factors or 2)
@@ -153,5 +159,5 @@ class DFMLoraExportMixin:
                 stage_upsampling=config.get("stage_upsampling"),
             )
         else:
-            pipe = cls.from_pretrained(base_path, torch_dtype=torch_dtype, **kwargs)
+            pipe = cls.from_pretrained(base_path, dtype=dtype, **kwargs)
         return pipe.load_dfm_lora(folder)

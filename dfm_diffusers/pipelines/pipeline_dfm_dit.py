@@ -6,14 +6,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from ..models.transformer_dfm_dit import DFMDiTTransformer2DModel
 from ..schedulers import DFMScheduler
 from .hub import DFMHubMixin
-from .stagewise import DFMStagewiseMixin, check_finite_latents, check_scale
+from .stagewise import DFMStagewiseMixin, StageEndCallback, check_finite_latents, check_scale
 
 
 def integer_class_labels(class_labels) -> torch.Tensor:
@@ -57,7 +57,7 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         self,
         transformer: DFMDiTTransformer2DModel,
         scheduler: DFMScheduler,
-        vae=None,
+        vae: AutoencoderKL | None = None,
         id2label: dict[int, str] | None = None,
         vae_reference: str | None = None,
     ):
@@ -107,6 +107,7 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_previews: bool = False,
         return_dict: bool = True,
+        callback_on_stage_end: StageEndCallback | None = None,
     ):
         """Generate one image per class label.
 
@@ -118,6 +119,8 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
             steps_per_stage / stage_thresholds: override the scheduler config for this call (thresholds are the
                 actual sigma, after the time shift, at which the next stage starts).
             latents: optional list of per-stage initial noise [B, C, H_s, W_s].
+            callback_on_stage_end: ``callback(pipe, stage, preview)`` when each stage's preview is ready (decoded
+                in ``output_type``); the last call carries the final images.
         """
         config = self.transformer.config
         device = self._execution_device
@@ -164,9 +167,11 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         model_labels = torch.cat([labels, null]) if do_cfg else labels
         num_stages = len(latents)
         previews = [] if return_previews else None
+        self.start_stages(callback_on_stage_end)
 
         for i in self.progress_bar(range(self.scheduler.num_inference_steps)):
             stage_sigmas = self.scheduler.sigmas[i]
+            self._stage_index, self._stage_sigmas = int(self.scheduler.stage_index[i]), stage_sigmas
             n = model_labels.shape[0]
             model_in = [torch.cat([x, x]) if do_cfg else x for x in latents]
             velocity = self.transformer(

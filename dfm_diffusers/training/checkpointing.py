@@ -54,6 +54,14 @@ class OutputDirLockedError(RuntimeError):
     """Another live run holds the output folder."""
 
 
+class OutputDirInUseError(ValueError):
+    """The output folder holds a previous run and neither resuming nor overwriting it was asked for."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl+C: the run stopped after a step, with a checkpoint saved; the message says how to resume."""
+
+
 # ------------------------------------------------------------------------------------------------ listing, manifest
 
 

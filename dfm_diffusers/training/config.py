@@ -454,10 +454,38 @@ def parse_cli(cls, argv=None, description: str | None = None):
     return load_config(cls, config_path, overrides)
 
 
+#: Errors a user can act on (a bad setting, a missing or bad data set, a folder in use): one message, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
 def run_cli(main: typing.Callable[[], Any]) -> None:
-    """Run a script's ``main()``; a :class:`ConfigError` ends it with the list of problems and exit status 2."""
+    """Run a script's ``main()`` the way a user expects a command to end: a :class:`ConfigError` with the list of
+    problems and exit status 2; any other user error (:data:`USER_ERRORS`, an output folder held by a live run) with
+    its one message and exit status 1; Ctrl+C with how to resume and exit status 130. ``--debug`` anywhere on the
+    command line (removed before ``main`` parses it) shows the traceback instead."""
+    from .checkpointing import OutputDirLockedError, TrainingInterrupted
+
+    prog = os.path.basename(sys.argv[0])
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--debug"]
     try:
         main()
     except ConfigError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingInterrupted as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: aborted (Ctrl+C)", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (*USER_ERRORS, OutputDirLockedError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}\n(run again with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -83,6 +83,10 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     # hub
     push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
     hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+    self_contained_export: bool = setting(
+        False, "write the exported pipeline folder (and the pushed repo) with the library's code next to the weights, "
+        "so plain diffusers loads it with trust_remote_code=True"
+    )
 
     def validate(self) -> list[str]:
         """Range and consistency checks, before any data or model is loaded: the model preset, the stage lists
@@ -270,10 +274,10 @@ class DiTTask:
 
     def export_fn(self, model, folder: str):
         pipe = self.pipeline(model)
-        pipe.save_pretrained(folder)
+        pipe.save_pretrained(folder, self_contained=self.config.self_contained_export)
         if self.config.push_to_hub:
             repo = self.config.hub_model_id or os.path.basename(os.path.abspath(self.config.output_dir))
-            pipe.push_to_hub(repo)
+            pipe.push_to_hub(repo, self_contained=self.config.self_contained_export)
 
 
 def write_loss_curve(log_rows: list[dict], path: str, num_stages: int, title: str = "DFM-DiT training loss"):

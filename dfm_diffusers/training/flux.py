@@ -180,6 +180,11 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     # hub
     push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
     hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+    self_contained_export: bool = setting(
+        False, "write the exported pipeline folder (and the pushed repo) with the library's code next to the weights, "
+        "so plain diffusers loads it with trust_remote_code=True (a whole pipeline: full finetune or "
+        "fuse_lora_on_export)"
+    )
     base_model_id: str | None = setting(
         None, "Hub id of the base model, recorded in the LoRA export and the model card when pretrained is a local "
         "folder (e.g. black-forest-labs/FLUX.1-dev); default: pretrained"
@@ -244,6 +249,11 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
             problems += finite(self, "lora_alpha", low=0.0, low_open=True, optional=True)
             problems += finite(self, "lora_dropout", low=0.0, high=1.0, high_open=True)
             problems += require(bool(self.lora_target_modules), "lora_target_modules", "must name at least one module")
+        problems += require(
+            not (self.self_contained_export and self.lora and not self.fuse_lora_on_export), "self_contained_export",
+            "needs a whole pipeline export: a LoRA export (lora without fuse_lora_on_export) holds only the trained "
+            "layers and loads with DFMPipeline.from_lora_export; set fuse_lora_on_export: true or train in full",
+        )
         if self.quantize_base is not None:
             problems += require(self.lora, "quantize_base", "needs lora: true (the quantized weights stay frozen; a "
                                 "full finetune trains them)")
@@ -304,8 +314,10 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
     from ..models.stage_layers import stage_patch_sizes
     from ..models.transformer_dfm_flux import FLUX_PACKING, default_stage_upsampling
 
+    from ..pipelines.hub import pipeline_class_name
+
     index = _read_json(config.pretrained, "model_index.json", config.revision)
-    class_name = index.get("_class_name")
+    class_name = pipeline_class_name(index)
     if class_name == "DFMPipeline":
         kind = "dfm"
         tconf = _read_json(config.pretrained, "transformer/config.json", config.revision)
@@ -392,12 +404,12 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
     if config.vae:
         from diffusers import AutoencoderKL
 
-        components["vae"] = AutoencoderKL.from_pretrained(config.vae, torch_dtype=dtype)
+        components["vae"] = AutoencoderKL.from_pretrained(config.vae, dtype=dtype)
     factors = info["stage_factors"]  # a list of S - 1 ints
     factors = factors[0] if len(set(factors)) == 1 else (factors or 2)  # [2] -> 2 as the converter stores it
     if info["kind"] == "flux":
         flux = FluxPipeline.from_pretrained(
-            config.pretrained, torch_dtype=dtype, revision=config.revision, **components
+            config.pretrained, dtype=dtype, revision=config.revision, **components
         )
         pipe = DFMPipeline.from_flux_pipeline(
             flux, num_stages=info["num_stages"], stage_factors=factors, steps_per_stage=config.steps_per_stage,
@@ -407,7 +419,7 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
         del flux
     else:
         kwargs = {"revision": config.revision, **components} if config.revision else components
-        pipe = DFMPipeline.from_pretrained(config.pretrained, torch_dtype=dtype, **kwargs)
+        pipe = DFMPipeline.from_pretrained(config.pretrained, dtype=dtype, **kwargs)
         if config.steps_per_stage is not None or config.stage_thresholds is not None:
             overrides = {}
             if config.steps_per_stage is not None:
@@ -710,8 +722,10 @@ class FluxTask:
         folder it was loaded from, revision, kind (a FluxPipeline converted here, or a DFMPipeline), ``--vae``."""
         c = self.config
         local = os.path.isdir(c.pretrained)
-        kind = "flux" if _read_json(c.pretrained, "model_index.json", c.revision).get("_class_name") == "FluxPipeline" \
-            else "dfm"
+        from ..pipelines.hub import pipeline_class_name
+
+        index = _read_json(c.pretrained, "model_index.json", c.revision)
+        kind = "flux" if pipeline_class_name(index) == "FluxPipeline" else "dfm"
         return {
             "base_model": c.base_model_id or (os.path.abspath(c.pretrained) if local else c.pretrained),
             "base_model_path": os.path.abspath(c.pretrained) if local else None,
@@ -733,11 +747,12 @@ class FluxTask:
                         return line.split(":", 1)[1].strip()
         return "other"
 
-    def model_card(self, repo_id: str, pipe, lora_export: bool = False) -> str:
+    def model_card(self, repo_id: str, pipe, lora_export: bool = False, revision: str | None = None) -> str:
         c = self.config
         base = self.base_reference()["base_model"]
         if not lora_export:
-            card = pipe.model_card(repo_id, base_model=base, sampling=self.recommended_sampling())
+            card = pipe.model_card(repo_id, base_model=base, sampling=self.recommended_sampling(), revision=revision,
+                                   self_contained=c.self_contained_export)
             card = card.replace("license: other", f"license: {self.license()}", 1)
             return card + self.training_card_section()
         sampling = self.recommended_sampling()
@@ -755,7 +770,7 @@ class FluxTask:
             "## Recommended sampling settings", "", *[f"- `{k}={v!r}`" for k, v in sampling.items()], "",
             "## How to load", "", "```python", "import torch", "from dfm_diffusers import DFMPipeline", "",
             "# converts the base if it is a plain FLUX pipeline, then loads the stage layers and the LoRA",
-            f'pipe = DFMPipeline.from_lora_export("{repo_id}", torch_dtype=torch.bfloat16)',
+            f'pipe = DFMPipeline.from_lora_export("{repo_id}", dtype=torch.bfloat16)',
             "# or, with the base already converted: DFMPipeline.from_pretrained(converted).load_dfm_lora(repo)",
             f'image = pipe("a photo of a cat"{call_kwargs}).images[0]', "```", "",
         ]
@@ -803,21 +818,24 @@ class FluxTask:
             )
         else:
             pipe = self.pipeline(self.export_transformer(model, fuse_lora=c.lora))
-            pipe.save_pretrained(folder)
+            pipe.save_pretrained(folder, self_contained=c.self_contained_export)
         if self.last_sample and os.path.isfile(self.last_sample):
             shutil.copyfile(self.last_sample, os.path.join(folder, "samples.png"))
-        repo_id = os.path.abspath(folder)  # what the README's loading code points at
+        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:  # loading code points at the folder
+            f.write(self.model_card(os.path.abspath(folder), pipe, lora_export=small))
         if c.push_to_hub:
             from huggingface_hub import HfApi
+
+            from ..pipelines.hub import upload_with_model_card
 
             api = HfApi()
             name = c.hub_model_id or os.path.basename(os.path.abspath(c.output_dir))
             repo_id = api.create_repo(name, exist_ok=True).repo_id
-        with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as f:
-            f.write(self.model_card(repo_id, pipe, lora_export=small))
-        if c.push_to_hub:
             what = "DFM LoRA export" if small else "DFMPipeline"
-            api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=f"Upload {what} (train_dfm_flux)")
+            upload_with_model_card(
+                api, repo_id, folder, f"Upload {what} (train_dfm_flux)", False,
+                lambda revision: self.model_card(repo_id, pipe, lora_export=small, revision=revision),
+            )
             logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)
 
 

@@ -31,6 +31,8 @@ import logging
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
@@ -61,7 +63,9 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     LOOP_STATE_FILE,
     NonFiniteLossError,
     NonFiniteTrainingError,
+    OutputDirInUseError,
     OutputDirLock,
+    TrainingInterrupted,
     abandon_failed_save,
     check_random_states,
     list_checkpoints,
@@ -126,6 +130,10 @@ class LoopConfig:
     resume_from_checkpoint: str | None = setting(
         None, "'latest' (of output_dir/checkpoints) or a checkpoint folder to resume from (alias: --resume)"
     )
+    overwrite_output_dir: bool = setting(
+        False, "start over in an output_dir that holds a previous run (its checkpoints, log and pipeline are "
+        "removed first); without it, or resume_from_checkpoint, such a folder is refused"
+    )
     report_to: str | None = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...); 'none' for none")
     tracker_project_name: str = setting("dfm", "project name given to the tracker")
 
@@ -165,6 +173,64 @@ class LoopConfig:
         )
         return problems
 
+
+
+def previous_run(output_dir: str) -> str | None:
+    """What of an earlier run ``output_dir`` holds (a finished export, checkpoints, a training log), or None."""
+    found = []
+    if any(os.path.isfile(os.path.join(output_dir, "pipeline", f)) for f in ("model_index.json", "dfm_lora_config.json")):
+        found.append("a finished run's pipeline/")
+    kept = list_checkpoints(os.path.join(output_dir, "checkpoints"))
+    if kept:
+        found.append(f"checkpoints up to step {kept[-1][0]}")
+    log = os.path.join(output_dir, "training_log.jsonl")
+    if os.path.isfile(log) and os.path.getsize(log) > 0:
+        found.append("training_log.jsonl")
+    return ", ".join(found) or None
+
+
+def check_output_dir(config: LoopConfig) -> str | None:
+    """OutputDirInUseError for an output_dir holding a previous run when the config neither resumes nor
+    overwrites it; returns what it holds (None if nothing)."""
+    found = previous_run(config.output_dir)
+    if found and not config.resume_from_checkpoint and not config.overwrite_output_dir:
+        raise OutputDirInUseError(
+            f"{config.output_dir} holds a previous run ({found}). Resume it with --resume_from_checkpoint latest, "
+            f"start over there with --overwrite_output_dir true (removes its checkpoints, log and pipeline), or "
+            f"choose another --output_dir"
+        )
+    return found
+
+
+class GracefulInterrupt:
+    """While active (main thread only): the first Ctrl+C asks the loop to stop after the current step (it saves a
+    checkpoint and raises TrainingInterrupted); a second one aborts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl+C raises KeyboardInterrupt
+        print("\nCtrl+C: finishing this step, then saving a checkpoint (Ctrl+C again aborts at once)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def stop_now(self, accelerator) -> bool:
+        """Whether any process was interrupted (a collective when there are several processes)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.gather(flag).max() > 0)
 
 
 def make_optimizer(params, config: LoopConfig, fused: bool | None = None) -> torch.optim.Optimizer:
@@ -319,6 +385,7 @@ def run_training(
         logger.warning("accelerate launch says mixed_precision=%s, the training config %s: the training config's "
                        "is used", launched, config.mixed_precision)
     report_to = None if str(config.report_to).lower() in ("none", "", "false") else config.report_to
+    previous = check_output_dir(config)  # before anything is written there
     os.makedirs(config.output_dir, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -333,6 +400,11 @@ def run_training(
     lock = OutputDirLock(config.output_dir) if accelerator.is_main_process else None
     if lock is not None:
         lock.acquire()  # refuses at once if a live run holds the folder
+        if previous and config.overwrite_output_dir and not config.resume_from_checkpoint:
+            logger.warning("overwrite_output_dir: removing the previous run in %s (%s)", config.output_dir, previous)
+            for name in ("checkpoints", "pipeline"):
+                shutil.rmtree(os.path.join(config.output_dir, name), ignore_errors=True)
+    accelerator.wait_for_everyone()
     try:
         return _run_training(
             accelerator, report_to, config, model, dataset, loss_fn, sample_fn, export_fn, collate_fn, hparams,
@@ -601,57 +673,72 @@ def _run_training(
             )
 
     epoch = global_step // steps_per_epoch
-    while global_step < config.max_train_steps:
-        dataloader.set_epoch(epoch)
-        train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
-        skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
-        for batch in clock.timed(batches):
-            with accelerator.accumulate(model):
-                loss, logs = loss_fn(model, batch)
-                accelerator.backward(loss)
-                nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
-                if accelerator.sync_gradients:
-                    if held_fixed_fn is not None:
-                        # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
-                        for p in held_fixed_fn(global_step):
-                            p.grad = None
-                    # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
-                    max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
-                    grad_norm = accelerator.clip_grad_norm_(clip_params, max_norm)
-                    flags = nonfinite_flags(accelerator, nonfinite_loss, grad_norm)
-                    nonfinite_loss.zero_()
-                    if pending is not None:  # the previous step's verdict, read while this step's work is queued
+    with GracefulInterrupt() as interrupt:
+        while global_step < config.max_train_steps:
+            dataloader.set_epoch(epoch)
+            train_data.epoch = epoch  # before the iterator exists, so that worker processes copy it
+            skip = (global_step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
+            for batch in clock.timed(batches):
+                with accelerator.accumulate(model):
+                    loss, logs = loss_fn(model, batch)
+                    accelerator.backward(loss)
+                    nonfinite_loss |= ~torch.isfinite(loss.detach()).all()
+                    if accelerator.sync_gradients:
+                        if held_fixed_fn is not None:
+                            # None, not zero: AdamW would still decay a zero-gradient weight and move it by its moments
+                            for p in held_fixed_fn(global_step):
+                                p.grad = None
+                        # The norm is needed even without clipping: a max_norm of inf scales the gradients by exactly 1.
+                        max_norm = config.max_grad_norm if config.max_grad_norm > 0 else math.inf
+                        grad_norm = accelerator.clip_grad_norm_(clip_params, max_norm)
+                        flags = nonfinite_flags(accelerator, nonfinite_loss, grad_norm)
+                        nonfinite_loss.zero_()
+                        if pending is not None:  # the previous step's verdict, read while this step's work is queued
+                            settle(pending)
+                            pending = None
+                        verdict = StepVerdict(global_step + 1, flags, accelerator.gather(loss.detach()[None]).mean(),
+                                              logs, grad_norm)
+                        last_loss = verdict.loss
+                        if deferred:  # (accelerate's optimizer.step adds only checks that do not apply here)
+                            step_on_device(optimizer, flags)
+                        elif verdict.read()[0]:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                global_step += 1
+                progress.update(1)
+                pending = verdict
+                checkpoint_now = bool(config.checkpointing_steps) and global_step % config.checkpointing_steps == 0
+                validate_now = bool(sample_fn and config.validation_steps) and global_step % config.validation_steps == 0
+                if (not deferred or checkpoint_now or validate_now or global_step % config.log_every == 0
+                        or global_step >= config.max_train_steps):
+                    settle(pending)
+                    pending = None
+                if checkpoint_now:
+                    save_checkpoint(global_step)
+                if validate_now:
+                    validate(global_step)
+                if interrupt.stop_now(accelerator):
+                    if pending is not None:
                         settle(pending)
                         pending = None
-                    verdict = StepVerdict(global_step + 1, flags, accelerator.gather(loss.detach()[None]).mean(),
-                                          logs, grad_norm)
-                    last_loss = verdict.loss
-                    if deferred:  # (accelerate's optimizer.step adds only checks that do not apply here)
-                        step_on_device(optimizer, flags)
-                    elif verdict.read()[0]:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            progress.update(1)
-            pending = verdict
-            checkpoint_now = bool(config.checkpointing_steps) and global_step % config.checkpointing_steps == 0
-            validate_now = bool(sample_fn and config.validation_steps) and global_step % config.validation_steps == 0
-            if (not deferred or checkpoint_now or validate_now or global_step % config.log_every == 0
-                    or global_step >= config.max_train_steps):
-                settle(pending)
-                pending = None
-            if checkpoint_now:
-                save_checkpoint(global_step)
-            if validate_now:
-                validate(global_step)
-            if global_step >= config.max_train_steps:
-                break
-        epoch += 1
-    if pending is not None:
-        settle(pending)
+                    kept = list_checkpoints(checkpoint_dir)
+                    if not kept or kept[-1][0] != global_step:
+                        save_checkpoint(global_step)
+                    kept = list_checkpoints(checkpoint_dir)
+                    accelerator.end_training()
+                    raise TrainingInterrupted(
+                        f"interrupted after step {global_step}; checkpoint "
+                        f"{kept[-1][1] if kept else '(none: a skipped non-finite step)'}. Resume with the same "
+                        f"command and --resume_from_checkpoint latest"
+                    )
+                if global_step >= config.max_train_steps:
+                    break
+            epoch += 1
+        if pending is not None:
+            settle(pending)
     progress.close()
 
     if config.checkpointing_steps and global_step % config.checkpointing_steps != 0:

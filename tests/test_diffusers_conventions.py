@@ -424,7 +424,8 @@ def test_all_linear_flux_lora_reaches_stage_zero(flux_pipe, one_stage, two_stage
 
 
 def test_flux_lora_on_x_embedder_refused_for_the_legacy_stage_layout(flux_pipe, tmp_path):
-    legacy = DFMPipeline.from_flux_pipeline(flux_pipe, num_stages=2, stage_upsampling=[1, 1])
+    legacy = DFMPipeline.from_flux_pipeline(flux_pipe, num_stages=2, stage_upsampling=[1, 1],
+                                             new_stage_init="x_embedder")
     save_flux_lora(flux_pipe.transformer, tmp_path, targets=["x_embedder", "to_q"])
     with pytest.raises(ValueError, match="has no counterpart for: its stage 0 has patch size 1"):
         legacy.load_lora_weights(tmp_path)

@@ -184,7 +184,10 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
             if decomposition_upsampling != "nearest":
                 raise ValueError("band_split needs the Haar pyramid: decomposition_upsampling='nearest'")
             if upsampling[0] != math.prod(factors):
-                raise ValueError(f"band_split needs stage 0 carried at the finest resolution, got {upsampling}")
+                raise ValueError(
+                    f"band_split needs stage 0 carried at the finest resolution, got stage_upsampling {upsampling} "
+                    "(from_flux: new_stage_init='x_embedder' or 'zero' build the other layouts)"
+                )
             if stage_scales is not None and any(float(x) != 1.0 for x in stage_scales):
                 raise ValueError(
                     "band_split keeps FLUX's units (FLUX reads the recomposed latent): stage_scales must be unset"

@@ -73,6 +73,15 @@ def stage_activity(num_active_stages: torch.Tensor, num_stages: int) -> torch.Te
     return torch.arange(num_stages, device=num_active_stages.device)[None, :] < num_active_stages[:, None]
 
 
+def zero_contribution(*modules) -> torch.Tensor | float:
+    """0 x (sum of the trainable parameters of ``modules``): added to an output so that layers a pass does not use
+    still get (zero) gradients, as DistributedDataParallel requires of every step."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    return sum(p.sum() for p in params) * 0.0
+
+
 class StageTimestepEmbedding(nn.Module):
     """FLUX/DiT-style sinusoidal (256 channels) + MLP timestep embedder; input is sigma in [0, 1]."""
 
@@ -150,8 +159,12 @@ class DFMStageLayers(nn.Module):
             self.coarse_patch_embedder = nn.Linear(in_channels * finest_patch_size**2, embedding_dim)
             self.coarse_head = StageOutputHead(embedding_dim, finest_patch_size, out_channels)
 
-    def check_inputs(self, stage_latents: Sequence[torch.Tensor], timestep: torch.Tensor, num_active_stages):
-        """ValueError unless the inputs follow the forward contract; returns the token grid (h, w)."""
+    def check_inputs(
+        self, stage_latents: Sequence[torch.Tensor], timestep: torch.Tensor, num_active_stages,
+        stage0_at_band: bool = False,
+    ):
+        """ValueError unless the inputs follow the forward contract; returns the token grid (h, w).
+        ``stage0_at_band``: stage 0 is expected at its band's own resolution (the coarse phase) instead."""
         S = self.num_stages
         if not isinstance(stage_latents, (list, tuple)) or len(stage_latents) != S:
             got = len(stage_latents) if isinstance(stage_latents, (list, tuple)) else type(stage_latents).__name__
@@ -165,6 +178,8 @@ class DFMStageLayers(nn.Module):
             raise ValueError(f"the finest stage's size {h}x{w} must be divisible by its patch size {p}")
         grid = (h // p, w // p)
         expected = [(b, c, grid[0] * ps, grid[1] * ps) for ps in self.patch_sizes]
+        if stage0_at_band:
+            expected[0] = (b, c, *self.coarse_band_shape(grid))
         got = [tuple(x.shape) for x in stage_latents]
         if got != expected:
             raise ValueError(f"stage tensors have shapes {got}; with patch sizes {self.patch_sizes} expected {expected}")
@@ -213,13 +228,11 @@ class DFMStageLayers(nn.Module):
         p = self.finest_patch_size
         return grid[0] * p // self.coarse_factor, grid[1] * p // self.coarse_factor
 
-    def check_coarse_band(self, band: torch.Tensor, grid: tuple[int, int]) -> tuple[int, int]:
-        """ValueError unless ``band`` [B, C, H_0, W_0] is stage 0 at its own resolution and its size is a multiple
-        of the finest patch size; returns the coarse token grid (H_0 / p, W_0 / p)."""
+    def coarse_grid_of(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Stage 0's own token grid (H_0 / p, W_0 / p) for the finest stage's token grid ``grid``; ValueError if
+        the band's size is not a multiple of the finest patch size p."""
         h0, w0 = self.coarse_band_shape(grid)
         p = self.finest_patch_size
-        if tuple(band.shape[-2:]) != (h0, w0):
-            raise ValueError(f"the coarse phase needs stage 0's band at its own resolution {h0}x{w0}, got {tuple(band.shape)}")
         if h0 % p or w0 % p:
             raise ValueError(
                 f"stage 0's band {h0}x{w0} must be divisible by the finest patch size {p} to run on its own token "

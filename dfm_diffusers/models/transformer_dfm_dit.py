@@ -33,7 +33,7 @@ from torch import nn
 
 from ..utils import normalize_stage_factors
 from .loading import strict_from_pretrained
-from .stage_layers import DFMStageLayers, stage_activity
+from .stage_layers import DFMStageLayers, stage_activity, zero_contribution
 
 # --------------------------------------------------------------------------------------------------------------
 # Named configurations
@@ -87,15 +87,6 @@ def sincos_pos_embed_at(embed_dim: int, pos_h: torch.Tensor, pos_w: torch.Tensor
     [w], rows major; with integer-spaced positions it is diffusers' ``get_2d_sincos_pos_embed``."""
     grid = torch.stack(torch.meshgrid(pos_w, pos_h, indexing="xy"), dim=0).reshape(2, 1, len(pos_h), len(pos_w))
     return get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
-
-
-def zero_contribution(*modules) -> torch.Tensor | float:
-    """0 x (sum of the trainable parameters of ``modules``): added to an output so that layers a pass does not use
-    still get (zero) gradients, as DistributedDataParallel requires of every step."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    if not params:
-        return 0.0
-    return sum(p.sum() for p in params) * 0.0
 
 
 class ClassEmbedding(LabelEmbedding):
@@ -431,7 +422,7 @@ class DFMDiTTransformer2DModel(ModelMixin, ConfigMixin):
         """Stage 0 alone on its own token grid; later stages' velocities are zeros."""
         layers = self.stage_layers
         band = hidden_states[0]
-        coarse_grid = layers.check_coarse_band(band, grid)
+        coarse_grid = layers.coarse_grid_of(grid)
         x = layers.embed_coarse(band)
         x = x + self.coarse_positional_embedding(coarse_grid, x.device, x.dtype)
         v0 = layers.unembed_coarse(self._blocks(x, c), c, coarse_grid)

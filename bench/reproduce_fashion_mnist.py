@@ -55,6 +55,8 @@ ARMS = {
                            model_kwargs={"coarse_phase_on_coarse_grid": True, "coarse_grid_positions": "own"}),
     "dfm_coarse_scaled": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto",
                               model_kwargs={"coarse_phase_on_coarse_grid": True, "coarse_grid_positions": "scaled"}),
+    "dfm_coarse_w73": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto", stage_weights=[0.7, 0.3],
+                           model_kwargs={"coarse_phase_on_coarse_grid": True}),
 }
 FM_SAMPLER = ([40], None)
 SAMPLERS = {f"{a}+{b}@{t}": ([a, b], [t]) for a, b in ((35, 5), (30, 10)) for t in (0.1, 0.3)}

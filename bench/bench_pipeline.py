@@ -1,12 +1,22 @@
-"""Wall time per image: DFMPipeline (2 stages, 30 + 10 steps) vs FluxPipeline (40 steps).
+"""Wall time per image: FluxPipeline (40 steps) vs DFMPipeline (2 stages, 30 + 10 steps) on the full token grid and
+with the coarse phase on the coarse grid, at stage factors 2 and 4, true CFG off and on.
 
     python bench/bench_pipeline.py --out <dir>                 # GPU: FLUX.1-dev config, bf16, 1024px
     python bench/bench_pipeline.py --small --device cpu --out <dir>
 
-Random weights (FLUX.1-dev transformer config and FLUX VAE config), batch 1, text encoding excluded (both
-pipelines get the same precomputed prompt embeddings [1, 512, 4096] and pooled [1, 768]). The DFM transformer
-shares FLUX's parameters (from_flux(share_weights=True)). Alternates FLUX and DFM after a warm-up and reports
-the median of --repeats; each image includes the VAE decode.
+Random weights (FLUX.1-dev transformer config and FLUX VAE config), batch 1, text encoding excluded (every pipeline
+gets the same precomputed prompt embeddings [1, 512, 4096] and pooled [1, 768]; with true CFG also the same
+negative ones). The DFM transformers share FLUX's parameters (from_flux(share_weights=True)); their zero-initialised
+stage layers are randomised so that every stage does real work. Arms:
+
+- flux: FluxPipeline, 40 steps;
+- dfm_f2 / dfm_f4: DFMPipeline 30 + 10, stage factor 2 / 4 (256 -> 1024 px), every step on the finest token grid;
+- dfm_coarse_f2 / dfm_coarse_f4: the same with ``coarse_phase_on_coarse_grid`` (phase 0 as FLUX on the band's own
+  grid: 1/4 resp. 1/16 of the image tokens; docs/coarse_grid.md).
+
+Every arm makes the same number of transformer evaluations (40, or 80 with true CFG). Each (arm, CFG) cell: one
+warm-up image, then the median of --repeats; each image includes the VAE decode. Resumable: results.json in --out is
+rewritten after every cell and finished cells are skipped on a re-run.
 """
 
 from __future__ import annotations
@@ -38,6 +48,10 @@ SMALL_VAE = dict(FLUX_VAE, block_out_channels=(32, 32), down_block_types=("DownE
                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=32)
 FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                       base_image_seq_len=256, max_image_seq_len=4096)
+#: arm -> (stage factor, coarse phase on the coarse grid); "flux" is FluxPipeline
+ARMS = {"flux": None, "dfm_f2": (2, False), "dfm_f4": (4, False), "dfm_coarse_f2": (2, True),
+        "dfm_coarse_f4": (4, True)}
+TRUE_CFG_SCALE = 3.0
 
 
 def sync(device):
@@ -45,96 +59,115 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def dfm_transformer(flux_t, factor: int, coarse: bool, device, dtype) -> DFMTransformer2DModel:
+    model = DFMTransformer2DModel.from_flux(flux_t, num_stages=2, stage_factors=factor, share_weights=True)
+    torch.manual_seed(0)
+    with torch.no_grad():  # non-zero stage-1 layers so both stages do real work
+        for p in model.stage_layers.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return model.set_coarse_phase_on_coarse_grid(coarse).to(device=device, dtype=dtype).eval()
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--small", action="store_true", help="tiny transformer and VAE (a sanity run anywhere)")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--resolution", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default 1024; --small: 128)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps-per-stage", type=int, nargs=2, default=[30, 10])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--cfg", nargs="+", default=["off", "on"], choices=["off", "on"],
+                        help=f"true CFG off (1 evaluation per step) and/or on (scale {TRUE_CFG_SCALE}, 2 per step)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     configure_attention_backends()
     tcfg, vcfg = (SMALL, SMALL_VAE) if args.small else (FLUX_DEV, FLUX_VAE)
-    res = args.resolution or (64 if args.small else 1024)
+    res = args.resolution or (128 if args.small else 1024)
     text_len = 32 if args.small else 512
+    steps = list(args.steps_per_stage)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "pipeline_results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {"cells": {}}
+    results.update(
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, diffusers=__import__("diffusers").__version__, resolution=res, small=args.small,
+        steps={"flux": sum(steps), "dfm": steps}, true_cfg_scale=TRUE_CFG_SCALE, repeats=args.repeats,
+    )
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
 
     flux_t = build_flux(tcfg, device, dtype, seed=0)
-    dfm_t = DFMTransformer2DModel.from_flux(flux_t, num_stages=2, share_weights=True)
-    torch.manual_seed(0)
-    with torch.no_grad():  # non-zero stage-1 layers so both stages do real work
-        for p in dfm_t.stage_layers.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    dfm_t = dfm_t.to(device=device, dtype=dtype).eval()
     vae = AutoencoderKL(**vcfg).to(device=device, dtype=dtype).eval()
     common = dict(vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     flux = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), transformer=flux_t, **common)
-    steps = list(args.steps_per_stage)
-    dfm = DFMPipeline(
-        scheduler=DFMScheduler.from_flow_match(flux.scheduler, num_stages=2, steps_per_stage=steps),
-        transformer=dfm_t,
-        **common,
-    )
-    dfm_f4_t = DFMTransformer2DModel.from_flux(flux_t, num_stages=2, stage_factors=4, share_weights=True)
-    with torch.no_grad():
-        for p in dfm_f4_t.stage_layers.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    dfm_f4 = DFMPipeline(  # 256 -> 1024 px (stage factor 4)
-        scheduler=DFMScheduler.from_flow_match(flux.scheduler, num_stages=2, steps_per_stage=steps),
-        transformer=dfm_f4_t.to(device=device, dtype=dtype).eval(),
-        **common,
-    )
-    for p in (flux, dfm, dfm_f4):
-        p.set_progress_bar_config(disable=True)
     gen = torch.Generator(device=device).manual_seed(0)
-    embeds = torch.randn(1, text_len, tcfg["joint_attention_dim"], device=device, dtype=dtype, generator=gen)
-    pooled = torch.randn(1, tcfg["pooled_projection_dim"], device=device, dtype=dtype, generator=gen)
-    call = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=res, width=res, output_type="pt")
+    embeds = [torch.randn(1, text_len, tcfg["joint_attention_dim"], device=device, dtype=dtype, generator=gen)
+              for _ in range(2)]
+    pooled = [torch.randn(1, tcfg["pooled_projection_dim"], device=device, dtype=dtype, generator=gen)
+              for _ in range(2)]
 
-    def run(name):
-        sync(device)
-        t0 = time.perf_counter()
-        if name == "flux":
-            out = flux(num_inference_steps=sum(steps), generator=torch.Generator(device).manual_seed(1), **call)
+    for arm in args.arms:
+        todo = [c for c in args.cfg if f"{arm}|cfg_{c}" not in results["cells"]]
+        if not todo:
+            continue
+        if ARMS[arm] is None:
+            pipe = flux
         else:
-            pipe = dfm if name == "dfm" else dfm_f4
-            out = pipe(steps_per_stage=steps, generator=torch.Generator(device).manual_seed(1), **call)
-        sync(device)
-        assert torch.isfinite(out.images).all()
-        return time.perf_counter() - t0
+            factor, coarse = ARMS[arm]
+            pipe = DFMPipeline(
+                scheduler=DFMScheduler.from_flow_match(flux.scheduler, num_stages=2, steps_per_stage=steps),
+                transformer=dfm_transformer(flux_t, factor, coarse, device, dtype), **common,
+            )
+        pipe.set_progress_bar_config(disable=True)
+        for cfg in todo:
+            call = dict(prompt_embeds=embeds[0], pooled_prompt_embeds=pooled[0], height=res, width=res,
+                        output_type="pt")
+            if cfg == "on":
+                call.update(negative_prompt_embeds=embeds[1], negative_pooled_prompt_embeds=pooled[1],
+                            true_cfg_scale=TRUE_CFG_SCALE)
+            if ARMS[arm] is None:
+                call["num_inference_steps"] = sum(steps)
+            else:
+                call["steps_per_stage"] = steps
 
-    names = ("flux", "dfm", "dfm_f4")
-    for name in names:  # warm-up
-        run(name)
-    times = {name: [] for name in names}
-    for _ in range(args.repeats):
-        for name in names:
-            times[name].append(run(name))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
-        "resolution": res,
-        "steps": {"flux": sum(steps), "dfm": steps},
-        "seconds_per_image": {k: round(v, 4) for k, v in med.items()},
-        "all_runs": times,
-        "ratio_dfm_over_flux": round(med["dfm"] / med["flux"], 4),
-        "ratio_dfm_f4_over_flux": round(med["dfm_f4"] / med["flux"], 4),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pipeline_results.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print("| pipeline | steps | s / image (median) |\n|---|---|---|")
-    print(f"| FluxPipeline | {sum(steps)} | {med['flux']:.3f} |")
-    print(f"| DFMPipeline | {steps[0]}+{steps[1]} | {med['dfm']:.3f} |")
-    print(f"| DFMPipeline 256->1024 (factor 4) | {steps[0]}+{steps[1]} | {med['dfm_f4']:.3f} |")
-    print(f"ratio DFM / FLUX = {result['ratio_dfm_over_flux']:.4f}, "
-          f"256->1024: {result['ratio_dfm_f4_over_flux']:.4f}")
+            def run():
+                sync(device)
+                t0 = time.perf_counter()
+                out = pipe(generator=torch.Generator(device).manual_seed(1), **call)
+                sync(device)
+                assert torch.isfinite(out.images).all()
+                return time.perf_counter() - t0
+
+            run()  # warm-up
+            times = [run() for _ in range(args.repeats)]
+            results["cells"][f"{arm}|cfg_{cfg}"] = {"seconds_per_image": statistics.median(times), "runs": times}
+            print(f"{arm} cfg {cfg}: {statistics.median(times):.3f} s / image", flush=True)
+            save()
+        if pipe is not flux:
+            del pipe
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    cells = results["cells"]
+    ratios = {}
+    for key, cell in cells.items():
+        arm, cfg = key.split("|")
+        if arm != "flux" and f"flux|{cfg}" in cells:
+            ratios[key] = cells[f"flux|{cfg}"]["seconds_per_image"] / cell["seconds_per_image"]
+    results["speedup_over_flux"] = ratios
+    save()
+    print("| pipeline | true CFG | steps | s / image (median) | speed-up over FluxPipeline |\n|---|---|---|---|---|")
+    for key, cell in cells.items():
+        arm, cfg = key.split("|")
+        steps_text = str(sum(steps)) if arm == "flux" else f"{steps[0]}+{steps[1]}"
+        speedup = "1" if arm == "flux" else (f"{ratios[key]:.3f}" if key in ratios else "-")
+        print(f"| {arm} | {cfg[4:]} | {steps_text} | {cell['seconds_per_image']:.3f} | {speedup} |")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ share_weights=True)): the DFM model owns only its per-stage layers (~0.4% of FLU
 Peak memory is torch.cuda.max_memory_allocated (reset before every run), the maximum over the repeats.
 FLUX gets the finest latent packed 2x2 (FluxPipeline's layout, 4096 tokens at 1024px); DFM gets both stages of
 the same image (2 active; stage 0 carried at the finest resolution: [B, 16, 128, 128] twice, the same 4096
-tokens); "DFM 256->1024" is the stage-factor-4 model (same shapes, stage 0's band 32x32). Writes results.json to
+tokens); "DFM 256->1024" is the stage-factor-4 model (same shapes, stage 0's band 32x32). "DFM coarse" /
+"DFM coarse 256->1024": the same models with ``coarse_phase_on_coarse_grid``, in their coarse phase (stage 0 alone,
+its band at its own resolution: 1/4 resp. 1/16 of the image tokens). Writes results.json to
 --out and prints a markdown table. Calls configure_attention_backends() (cuDNN SDPA off).
 """
 
@@ -187,12 +189,15 @@ def main(argv=None):
     flux = build_flux(config, device, dtype, args.seed)
     dfm = DFMTransformer2DModel.from_flux(flux, share_weights=True)
     dfm_f4 = DFMTransformer2DModel.from_flux(flux, stage_factors=4, share_weights=True)  # 256 -> 1024 px
+    coarse_f2 = DFMTransformer2DModel.from_flux(flux, share_weights=True).set_coarse_phase_on_coarse_grid()
+    coarse_f4 = DFMTransformer2DModel.from_flux(flux, stage_factors=4, share_weights=True).set_coarse_phase_on_coarse_grid()
     build_s = time.perf_counter() - t0
     flux_params = {id(p): p for p in flux.parameters()}
     dfm_params = {id(p): p for p in dfm.parameters()}
     dfm_f4_params = {id(p): p for p in dfm_f4.parameters()}
+    coarse_params = {id(p): p for m in (coarse_f2, coarse_f4) for p in m.parameters()}
     shared = len(set(flux_params) & set(dfm_params))
-    all_params = list({**flux_params, **dfm_params, **dfm_f4_params}.values())
+    all_params = list({**flux_params, **dfm_params, **dfm_f4_params, **coarse_params}.values())
     n_flux = sum(p.numel() for p in flux_params.values())
     n_dfm = sum(p.numel() for p in dfm_params.values())
 
@@ -202,7 +207,19 @@ def main(argv=None):
 
     flux_inputs, dfm_inputs = inputs_for(dfm)
     runner = Runner(device)
-    models = {"FLUX": (flux, flux_inputs), "DFM": (dfm, dfm_inputs), "DFM 256->1024": (dfm_f4, inputs_for(dfm_f4)[1])}
+    def coarse_inputs_for(model):
+        """The coarse phase: stage 0 alone, its band at its own resolution (noise drawn there)."""
+        inputs = dict(inputs_for(model)[1])
+        band = LaplacianDecomposition.from_config(model.config).band_shapes(latent, latent)[0]
+        stage0 = inputs["hidden_states"][0]
+        inputs["hidden_states"] = [torch.randn(*stage0.shape[:2], *band, device=device, dtype=dtype),
+                                   *inputs["hidden_states"][1:]]
+        inputs["num_active_stages"] = torch.ones_like(inputs["num_active_stages"])
+        return inputs
+
+    models = {"FLUX": (flux, flux_inputs), "DFM": (dfm, dfm_inputs), "DFM 256->1024": (dfm_f4, inputs_for(dfm_f4)[1]),
+              "DFM coarse": (coarse_f2, coarse_inputs_for(coarse_f2)),
+              "DFM coarse 256->1024": (coarse_f4, coarse_inputs_for(coarse_f4))}
     results = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if mode not in ("inference", "train", "train_ckpt"):

@@ -26,7 +26,12 @@ FLUX's 2x2 packing then gives 8x8 tokens).
      the library's objective defaults; ``dfm_band_w``: the same with stage weights [0.7, 0.3];
    - ``dfm_new_bal`` / ``dfm_embed_bal``: with the pixel-space reproduction's fix (issue 9): the detail band
      standardized relative to stage 0 (``stage_scales: auto_relative``; stage 0 unchanged, so the replication holds)
-     and stage weights [0.7, 0.3].
+     and stage weights [0.7, 0.3];
+   - ``dfm_coarse`` / ``dfm_coarse_bal``: ``dfm_embed`` / ``dfm_embed_bal`` with the coarse phase on the coarse grid
+     (``coarse_phase_on_coarse_grid``: phase 0 is the pretrained model at half resolution, 1/4 of the tokens;
+     docs/coarse_grid.md). Its step-0 replication compares the coarse phase at the band's sigma of equal
+     signal-to-noise ratio (DFMScheduler.band_sigma) with the pretrained model's own error at full resolution. The
+     pretrained model here saw only the 16x16 latent: half resolution is new to it (FLUX itself trains at many).
 3. report:
    - step 0, "replicates FLUX" measured: for each conversion, the stage-0 clean-estimate error of the converted model
      on held-out B (and A) content at sigma 0.1..0.9, divided by the pretrained model's own error on the same
@@ -83,13 +88,17 @@ METHODS = {"ft": dict(num_stages=1),
            "dfm_embed": dict(num_stages=2, new_stage_init="x_embedder"),
            "dfm_embed_bal": dict(num_stages=2, new_stage_init="x_embedder"),
            "dfm_band": dict(num_stages=2, new_stage_init="band_split"),
-           "dfm_band_w": dict(num_stages=2, new_stage_init="band_split")}
+           "dfm_band_w": dict(num_stages=2, new_stage_init="band_split"),
+           "dfm_coarse": dict(num_stages=2, new_stage_init="x_embedder"),
+           "dfm_coarse_bal": dict(num_stages=2, new_stage_init="x_embedder"),
+           "dfm_band_coarse": dict(num_stages=2, new_stage_init="band_split")}
+COARSE = {"dfm_coarse", "dfm_coarse_bal", "dfm_band_coarse"}  # coarse_phase_on_coarse_grid
 # objective settings per method (default: the library's): the _bal methods use the pixel-space reproduction's fix
 # (issue 9), detail band standardized relative to stage 0 (auto_relative keeps stage 0, so the step-0 replication
 # holds) and stage weights [0.7, 0.3]
 OBJECTIVE = {"dfm_new_bal": dict(stage_weights=[0.7, 0.3]), "dfm_embed_bal": dict(stage_weights=[0.7, 0.3]),
-             "dfm_band_w": dict(stage_weights=[0.7, 0.3])}
-STAGE_SCALES = {"dfm_new_bal": "auto_relative", "dfm_embed_bal": "auto_relative"}
+             "dfm_band_w": dict(stage_weights=[0.7, 0.3]), "dfm_coarse_bal": dict(stage_weights=[0.7, 0.3])}
+STAGE_SCALES = {"dfm_new_bal": "auto_relative", "dfm_embed_bal": "auto_relative", "dfm_coarse_bal": "auto_relative"}
 MAX_TEXT = 16
 
 
@@ -181,6 +190,12 @@ def run_flux(flux, y, sigma, embeds, pooled):
     return FluxPipeline._unpack_latents(out, h * 8, w * 8, 8)
 
 
+def convert(flux, method: str, **kwargs) -> DFMTransformer2DModel:
+    """The method's conversion of the pretrained model (DFMTransformer2DModel.from_flux with METHODS[method])."""
+    model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], **kwargs)
+    return model.set_coarse_phase_on_coarse_grid() if method in COARSE else model
+
+
 def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
     """loss_fn(model, batch) of the shared loop: the DFM objective (one stage = flow matching) on the batch."""
 
@@ -197,7 +212,10 @@ def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
             return [run_flux(model, inputs[0], draw.sigmas[:, 0], embeds, pooled)]
 
         bands = decomposition.decompose(latents) if decomposition is not None else [latents]
-        out = dfm_objective(config, bands, predict)
+        carrier = None
+        if isinstance(base, DFMTransformer2DModel) and base.config.get("coarse_phase_on_coarse_grid", False):
+            carrier = decomposition.upsampling[0]
+        out = dfm_objective(config, bands, predict, coarse_phase_carrier=carrier)
         return out.loss, out.logs
 
     return loss_fn
@@ -247,10 +265,24 @@ def replication(flux, model, text, latents, labels, sigmas, seed=0):
     embeds, pooled = text.lookup(labels)
     b = len(latents)
     rows = []
+    on_coarse_grid = model.config.get("coarse_phase_on_coarse_grid", False)
     for s in sigmas:
         sig = torch.full((b,), s, device=latents.device)
         y = (1 - s) * carrier + s * torch.randn(carrier.shape, generator=g, device=latents.device)
         reference = F.avg_pool2d(y - s * run_flux(flux, y, sig, embeds, pooled), 2)
+        if on_coarse_grid:  # the band noised at its own resolution, at the sigma of equal signal-to-noise ratio
+            s_c = DFMScheduler.band_sigma(s, 2)
+            z = (1 - s_c) * coarse + s_c * torch.randn(coarse.shape, generator=g, device=latents.device)
+            sig_c = torch.full((b,), s_c, device=latents.device)
+            v = model(hidden_states=[z, torch.zeros_like(latents)], encoder_hidden_states=embeds,
+                      pooled_projections=pooled, timestep=torch.stack([sig_c, torch.ones_like(sig)], 1),
+                      num_active_stages=torch.ones(b, dtype=torch.long, device=latents.device),
+                      guidance=torch.ones(b, device=latents.device)).sample[0]
+            converted_err = (z - s_c * v - coarse).pow(2).mean().item()
+            reference_err = (reference - coarse).pow(2).mean().item()
+            rows.append(dict(sigma=s, converted=converted_err, pretrained=reference_err,
+                             ratio=converted_err / reference_err))
+            continue
         if stage0.shape == carrier.shape:  # the carrier conversion: the very input FLUX got
             z = y
         else:
@@ -350,8 +382,8 @@ def main(argv=None):
     if not os.path.isfile(replication_path):
         sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
         report = {}
-        for name in ("dfm_old", "dfm_new"):
-            model = DFMTransformer2DModel.from_flux(flux, **METHODS[name]).to(device)
+        for name in ("dfm_old", "dfm_new", "dfm_coarse"):
+            model = convert(flux, name).to(device)
             report[name] = {
                 split: replication(flux, model, text, space.encode(x[:1000]).to(device), y[:1000].to(device), sigmas)
                 for split, (x, y) in {"B": (x_b_test, y_b_test), "A": (x_a_test, y_a_test)}.items()
@@ -420,13 +452,12 @@ def main(argv=None):
             run_dir = os.path.join(args.out, "runs", f"{method}-seed{seed}")
             if os.path.isfile(os.path.join(run_dir, "done")):
                 continue
-            model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], torch_dtype=torch.float32).train()
+            model = convert(flux, method, torch_dtype=torch.float32).train()
             train_data = LatentDataset(space.encode(x_b), y_b)
             if method in STAGE_SCALES:  # estimated first, so the conversion scales the new stage's input projection
                 scales, _ = estimate_stage_scales(STAGE_SCALES[method], train_data,
                                                   LaplacianDecomposition.from_config(model.config), progress=False)
-                model = DFMTransformer2DModel.from_flux(flux, **METHODS[method], stage_scales=scales,
-                                                        torch_dtype=torch.float32).train()
+                model = convert(flux, method, stage_scales=scales, torch_dtype=torch.float32).train()
                 print(f"{method}: stage_scales {STAGE_SCALES[method]} = {scales}", flush=True)
             decomposition = LaplacianDecomposition.from_config(model.config)
 

@@ -2,7 +2,7 @@
 
     python bench/reproduce_fashion_mnist.py --out OUT --work WORK [--arms fm dfm ...] [--seeds 0 1 2]
         [--steps 2400] [--eval-steps 300 600 1200 2400] [--batch-size 128] [--num-samples 5000]
-        [--data-dir DIR] [--classifier DIR]
+        [--data-dir DIR] [--classifier DIR] [--model-kwargs JSON] [--speed-steps 10]
 
 Every arm is train_dfm_dit.py with the same token count (256 tokens: DiT-S/2 at 32px, DFM-DiT-S/2 with stage 0
 at 16px / patch 1 and stage 1 at 32px / patch 2), batch, optimizer, learning-rate schedule, EMA and steps; the
@@ -16,6 +16,11 @@ Guidance scale 1.0 at every evaluation step and 1.5 at the last.
 Sampler choice (DFM arms): on seed 0's last export, every (steps_per_stage, threshold) in SAMPLERS is scored
 against VALIDATION_SIZE training images (validation reference; test images are never used for the choice); the
 best FD is then used for every seed and step of that arm.
+
+Speed (after the scores, one arm at a time): sampling time per image at 40 model evaluations with the arm's
+sampler, and the training step time at --batch-size (results.json "speed", with ratios to FM).
+Arms "dfm_coarse*" run the coarse phase on stage 0's own token grid (docs/coarse_grid.md); --model-kwargs shrinks
+the trunk of every arm for a quick CPU run.
 
 Re-running with the same --work skips finished training runs and finished evaluations (results.json is
 written after each one), so an interrupted run continues. Outputs in --out: results.json, convergence.png,
@@ -43,6 +48,15 @@ ARMS = {
     "dfm": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales=None),
     "dfm_auto": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto"),  # unit-variance bands
     "dfm_auto_w73": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto", stage_weights=[0.7, 0.3]),
+    # the coarse phase on stage 0's own token grid (docs/coarse_grid.md): 1/4 of the tokens whenever stage 0 is alone
+    "dfm_coarse": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto",
+                       model_kwargs={"coarse_phase_on_coarse_grid": True}),
+    "dfm_coarse_own": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto",
+                           model_kwargs={"coarse_phase_on_coarse_grid": True, "coarse_grid_positions": "own"}),
+    "dfm_coarse_scaled": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto",
+                              model_kwargs={"coarse_phase_on_coarse_grid": True, "coarse_grid_positions": "scaled"}),
+    "dfm_coarse_w73": dict(model="DFM-DiT-S/2", num_stages=2, stage_scales="auto", stage_weights=[0.7, 0.3],
+                           model_kwargs={"coarse_phase_on_coarse_grid": True}),
 }
 FM_SAMPLER = ([40], None)
 SAMPLERS = {f"{a}+{b}@{t}": ([a, b], [t]) for a, b in ((35, 5), (30, 10)) for t in (0.1, 0.3)}
@@ -68,9 +82,18 @@ def train_command(args, arm: str, seed: int) -> list[str]:
     ]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
-    for key, value in ARMS[arm].items():
+    for key, value in arm_settings(args, arm).items():
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     return cmd + list(getattr(args, "train_args", []))  # extra settings (keys not set above)
+
+
+def arm_settings(args, arm: str) -> dict:
+    """The arm's training settings, with --model-kwargs (e.g. a smaller trunk) merged into its model_kwargs."""
+    settings = dict(ARMS[arm])
+    extra = json.loads(getattr(args, "model_kwargs", None) or "{}")
+    if extra:
+        settings["model_kwargs"] = {**extra, **settings.get("model_kwargs", {})}
+    return settings
 
 
 def train_all(args, runs: list[tuple[str, int]]) -> dict:
@@ -183,6 +206,65 @@ def plot_convergence(results: dict, arms: list[str], eval_steps: list[int], path
     plt.close(fig)
 
 
+def measure_speed(args, arm: str, sampler) -> dict:
+    """Sampling time per image at 40 model evaluations (seed 0's last export, batch --sample-batch-size, median of 3
+    after a warm-up) and training step time (decomposition + DFM objective + backward + AdamW at --batch-size on a
+    fresh model of the arm's config, median of --speed-steps after 2 warm-up steps), one arm at a time."""
+    from dfm_diffusers import LaplacianDecomposition
+    from dfm_diffusers.evaluation import sample_pipeline
+    from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective
+
+    cuda = torch.cuda.is_available()
+    autocast = "bf16" if cuda else None
+    pipe = load_pipe(args, arm, args.seeds[0], args.eval_steps[-1])
+    steps, thresholds = sampler
+    n = args.sample_batch_size
+
+    def timed(fn):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def draw():
+        sample_pipeline(pipe, n, batch_size=n, seed=0, steps_per_stage=steps, stage_thresholds=thresholds,
+                        autocast_dtype=autocast, progress=False)
+
+    draw()
+    sample_s = [timed(draw) for _ in range(3)]
+    model = type(pipe.transformer).from_config(pipe.transformer.config).to(pipe.device).train()
+    decomposition = LaplacianDecomposition.from_config(model.config)
+    settings = arm_settings(args, arm)
+    objective = DFMObjectiveConfig(stage_weights=settings.get("stage_weights"))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    size = model.config.sample_size
+    x = torch.rand(args.batch_size, model.config.in_channels, size, size, device=pipe.device) * 2 - 1
+    labels = torch.randint(0, model.config.num_classes, (args.batch_size,), device=pipe.device)
+
+    def train_step():
+        def predict(inputs, d):
+            return model(inputs, timestep=d.sigmas, num_active_stages=d.num_active_stages, class_labels=labels,
+                         return_dict=False)[0]
+
+        with torch.autocast(pipe.device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = dfm_objective(objective, decomposition.decompose(x), predict).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        train_step()
+    train_s = [timed(train_step) for _ in range(args.speed_steps)]
+    del model, optimizer, pipe
+    return {"sample_seconds_per_image": float(np.median(sample_s)) / n, "sample_batch": n,
+            "sampler": [steps, thresholds], "model_evaluations": sum(steps),
+            "train_step_seconds": float(np.median(train_s)), "train_batch": args.batch_size,
+            "sample_runs": sample_s, "train_runs": train_s}
+
+
 def sample_grid(args, arm: str, sampler, path: str) -> None:
     """Seed 0, last step: per class, DFM's stage previews next to the final image (FM: the final images)."""
     from dfm_diffusers.visualize import image_grid
@@ -217,6 +299,9 @@ def main(argv=None):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--classifier", default=None, help="feature classifier folder (trained there if missing)")
     p.add_argument("--classifier-steps", type=int, default=4000)
+    p.add_argument("--model-kwargs", default=None,
+                   help='JSON merged into every arm\'s model_kwargs, e.g. \'{"num_layers": 4}\' for a tiny trunk')
+    p.add_argument("--speed-steps", type=int, default=10, help="timed training steps per arm (speed section)")
     args = p.parse_args(argv)
     if args.steps != args.eval_steps[-1] or any(s % args.eval_steps[0] for s in args.eval_steps):
         p.error("--eval-steps must be multiples of the first one and end at --steps")
@@ -242,7 +327,7 @@ def main(argv=None):
                                           config=ClassifierTrainingConfig(steps=args.classifier_steps))
     results["classifier"] = {k: v for k, v in classifier.record.items() if not isinstance(v, dict)}
     results.setdefault("training", []).append(train_all(args, runs))
-    results["settings"] = {"arms": {a: ARMS[a] for a in args.arms}, "seeds": args.seeds, "steps": args.steps,
+    results["settings"] = {"arms": {a: arm_settings(args, a) for a in args.arms}, "seeds": args.seeds, "steps": args.steps,
                            "eval_steps": args.eval_steps, "batch_size": args.batch_size,
                            "num_samples": args.num_samples, "sweep_samples": args.sweep_samples,
                            "samplers": {k: v for k, v in SAMPLERS.items()}, "validation_size": VALIDATION_SIZE,
@@ -295,6 +380,19 @@ def main(argv=None):
                 save()
     results["summary"] = summarize(results, args.arms, args.seeds, args.eval_steps)
     save()
+    speed = results.setdefault("speed", {})
+    for arm in args.arms:  # sequentially, nothing else running
+        if arm not in speed:
+            speed[arm] = measure_speed(args, arm, FM_SAMPLER if arm == "fm" else SAMPLERS[chosen[arm]])
+            print(f"speed {arm}: {speed[arm]['sample_seconds_per_image'] * 1e3:.3f} ms / image at "
+                  f"{speed[arm]['model_evaluations']} evaluations, {speed[arm]['train_step_seconds'] * 1e3:.1f} ms / "
+                  f"training step", flush=True)
+            save()
+    if "fm" in speed:
+        for arm in args.arms:
+            speed[arm]["sampling_speedup_over_fm"] = speed["fm"]["sample_seconds_per_image"] / speed[arm]["sample_seconds_per_image"]
+            speed[arm]["train_step_time_over_fm"] = speed[arm]["train_step_seconds"] / speed["fm"]["train_step_seconds"]
+        save()
     plot_convergence(results, args.arms, args.eval_steps, os.path.join(args.out, "convergence.png"))
     for arm in args.arms:
         sample_grid(args, arm, FM_SAMPLER if arm == "fm" else SAMPLERS[chosen[arm]],

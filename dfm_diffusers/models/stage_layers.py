@@ -4,11 +4,17 @@ Every stage s has its own patch size p_s, chosen so that all stages give the sam
 stage: p_s = p_finest * u_s / (H_finest / H_s), where u_s (default 1) is the factor by which the stage's tensor is
 a nearest-upsampled carrier of its band (LaplacianDecomposition's ``stage_upsampling``). Patches are flattened in
 (channel, row, column) order, which is exactly FLUX's 2x2 latent packing (FluxPipeline._pack_latents) when p = 2.
+
+Coarse grid (optional, ``coarse_grid=True``): a pass in which only stage 0 is active may instead run on stage 0's
+own token grid, its band patchified with the finest stage's patch size (1/F^2 of the tokens, F = the total stage
+factor); docs/coarse_grid.md explains why and when.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
+
+import math
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -81,6 +87,15 @@ def stage_activity(num_active_stages: torch.Tensor, num_stages: int) -> torch.Te
     return torch.arange(num_stages, device=num_active_stages.device)[None, :] < num_active_stages[:, None]
 
 
+def zero_contribution(*modules) -> torch.Tensor | float:
+    """0 x (sum of the trainable parameters of ``modules``): added to an output so that layers a pass does not use
+    still get (zero) gradients, as DistributedDataParallel requires of every step."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if not params:
+        return 0.0
+    return sum(p.sum() for p in params) * 0.0
+
+
 class StageTimestepEmbedding(nn.Module):
     """FLUX/DiT-style sinusoidal (256 channels) + MLP timestep embedder; input is sigma in [0, 1].
 
@@ -120,6 +135,12 @@ class DFMStageLayers(nn.Module):
     ``timestep_embedders`` exist for stages ``first_timestep_stage .. S-1`` (a model may embed stage 0's
     sigma with its own embedder, as the FLUX-based model does with FLUX's time_text_embed); they embed
     sigma * ``timestep_scale``.
+
+    ``coarse_grid=True`` adds the coarse phase's layers: a pass with stage 0 alone may run on stage 0's own token
+    grid (its band at its own resolution, patch = the finest patch size). When stage 0's patch size already is the
+    finest one (stage 0 carried at the finest resolution, the FLUX conversion), its patch embedder and head apply to
+    the band as they are and are shared; otherwise (DiT: stage 0 uses a smaller patch) the coarse phase gets its own
+    ``coarse_patch_embedder`` and ``coarse_head`` (docs/coarse_grid.md says why).
     """
 
     def __init__(
@@ -133,6 +154,7 @@ class DFMStageLayers(nn.Module):
         first_timestep_stage: int = 0,
         stage_upsampling: Sequence[int] | None = None,
         timestep_scale: float = 1000.0,
+        coarse_grid: bool = False,
     ):
         super().__init__()
         self.num_stages = num_stages
@@ -150,9 +172,23 @@ class DFMStageLayers(nn.Module):
         )
         self.stage_embedding = nn.Embedding(num_stages, embedding_dim)
         self.heads = nn.ModuleList([StageOutputHead(embedding_dim, p, out_channels) for p in self.patch_sizes])
+        #: resolution ratio between the finest stage and stage 0 (the coarse grid has 1/coarse_factor^2 the tokens)
+        self.coarse_factor = math.prod(normalize_stage_factors(num_stages, stage_factors))
+        self.coarse_grid = bool(coarse_grid)
+        self.own_coarse_layers = self.coarse_grid and self.patch_sizes[0] != finest_patch_size
+        if self.coarse_grid and num_stages < 2:
+            raise ValueError("coarse_grid needs at least 2 stages (with one stage every pass is on the finest grid)")
+        if self.own_coarse_layers:
+            # stage 0's joint-grid layers read patches of p_0 < p pixels: the coarse grid needs p x p patches
+            self.coarse_patch_embedder = nn.Linear(in_channels * finest_patch_size**2, embedding_dim)
+            self.coarse_head = StageOutputHead(embedding_dim, finest_patch_size, out_channels)
 
-    def check_inputs(self, stage_latents: Sequence[torch.Tensor], timestep: torch.Tensor, num_active_stages):
-        """ValueError unless the inputs follow the forward contract; returns the token grid (h, w)."""
+    def check_inputs(
+        self, stage_latents: Sequence[torch.Tensor], timestep: torch.Tensor, num_active_stages,
+        stage0_at_band: bool = False,
+    ):
+        """ValueError unless the inputs follow the forward contract; returns the token grid (h, w).
+        ``stage0_at_band``: stage 0 is expected at its band's own resolution (the coarse phase) instead."""
         S = self.num_stages
         if not isinstance(stage_latents, (list, tuple)) or len(stage_latents) != S:
             got = len(stage_latents) if isinstance(stage_latents, (list, tuple)) else type(stage_latents).__name__
@@ -166,6 +202,8 @@ class DFMStageLayers(nn.Module):
             raise ValueError(f"the finest stage's size {h}x{w} must be divisible by its patch size {p}")
         grid = (h // p, w // p)
         expected = [(b, c, grid[0] * ps, grid[1] * ps) for ps in self.patch_sizes]
+        if stage0_at_band:
+            expected[0] = (b, c, *self.coarse_band_shape(grid))
         got = [tuple(x.shape) for x in stage_latents]
         if got != expected:
             raise ValueError(f"stage tensors have shapes {got}; with patch sizes {self.patch_sizes} expected {expected}")
@@ -208,3 +246,40 @@ class DFMStageLayers(nn.Module):
             out = head(hidden_states, temb, grid[0] * p, grid[1] * p)
             outputs.append(out * active[:, s].view(-1, 1, 1, 1).to(out.dtype))
         return outputs
+
+    # ------------------------------------------------------------------------------------ the coarse grid
+    def coarse_band_shape(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """(H_0, W_0), stage 0's band at its own resolution, for the finest stage's token grid ``grid``."""
+        p = self.finest_patch_size
+        return grid[0] * p // self.coarse_factor, grid[1] * p // self.coarse_factor
+
+    def coarse_grid_of(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """Stage 0's own token grid (H_0 / p, W_0 / p) for the finest stage's token grid ``grid``; ValueError if
+        the band's size is not a multiple of the finest patch size p."""
+        h0, w0 = self.coarse_band_shape(grid)
+        p = self.finest_patch_size
+        if h0 % p or w0 % p:
+            raise ValueError(
+                f"stage 0's band {h0}x{w0} must be divisible by the finest patch size {p} to run on its own token "
+                f"grid (the finest stage's size must be divisible by {p * self.coarse_factor})"
+            )
+        return h0 // p, w0 // p
+
+    def coarse_layers(self) -> tuple[nn.Linear, StageOutputHead]:
+        """The patch embedder and output head of the coarse phase (own ones, or stage 0's when shared)."""
+        if not self.coarse_grid:
+            raise ValueError("these stage layers were built without coarse_grid")
+        if self.own_coarse_layers:
+            return self.coarse_patch_embedder, self.coarse_head
+        return self.patch_embedders[0], self.heads[0]
+
+    def embed_coarse(self, band: torch.Tensor) -> torch.Tensor:
+        """Stage 0's band [B, C, H_0, W_0] -> tokens [B, (H_0/p)*(W_0/p), D] of the coarse grid (p = finest)."""
+        embedder, _ = self.coarse_layers()
+        return embedder(patchify(band, self.finest_patch_size).to(embedder.weight.dtype))
+
+    def unembed_coarse(self, hidden_states: torch.Tensor, temb: torch.Tensor, coarse_grid: tuple[int, int]):
+        """Coarse-grid tokens [B, N_0, D] -> stage 0's velocity [B, C_out, H_0, W_0]."""
+        _, head = self.coarse_layers()
+        p = self.finest_patch_size
+        return head(hidden_states, temb, coarse_grid[0] * p, coarse_grid[1] * p)

@@ -10,6 +10,9 @@ shared :class:`~dfm_diffusers.models.stage_layers.DFMStageLayers`:
   (num_active_stages - 1), are summed into c;
 - every stage has its own adaLN output head, unpatchified with its own patch size.
 
+Optionally (``coarse_phase_on_coarse_grid``) a pass in which only stage 0 is active runs on stage 0's own token grid
+(1/F^2 of the tokens, own patch embedder and head, positions ``coarse_grid_positions``); docs/coarse_grid.md.
+
 With ``num_stages=1`` the model is a plain DiT trained with flow matching (the paper's baseline) and runs through
 the same code. Inputs and outputs follow the project's conventions: sigma in [0, 1] with
 sigma = 1 pure noise, and the model predicts the velocity v = eps - x of every stage.
@@ -23,18 +26,21 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.embeddings import LabelEmbedding, get_2d_sincos_pos_embed
+from diffusers.models.embeddings import LabelEmbedding, get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
 from ..utils import normalize_stage_factors
 from .loading import SelfContainedModelMixin, strict_from_pretrained
-from .stage_layers import DFMStageLayers, check_values, stage_activity
+from .stage_layers import DFMStageLayers, check_values, stage_activity, zero_contribution
 
 # --------------------------------------------------------------------------------------------------------------
 # Named configurations
 # --------------------------------------------------------------------------------------------------------------
+
+#: Positions of the coarse grid's tokens (``coarse_grid_positions``); docs/coarse_grid.md compares them.
+COARSE_GRID_POSITIONS = ("scaled", "own")
 
 #: Trunk sizes of the DiT paper (Table 1), plus "T", a tiny size of this project for tests and the quickstart.
 DIT_SIZES = {
@@ -74,6 +80,13 @@ DIT_PRESETS: dict[str, dict] = _build_presets()
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation of tokens [B, N, D] by per-sample shift/scale [B, D]."""
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def sincos_pos_embed_at(embed_dim: int, pos_h: torch.Tensor, pos_w: torch.Tensor) -> torch.Tensor:
+    """2D sin-cos embedding [h*w, D] at arbitrary (float) row positions ``pos_h`` [h] and column positions ``pos_w``
+    [w], rows major; with integer-spaced positions it is diffusers' ``get_2d_sincos_pos_embed``."""
+    grid = torch.stack(torch.meshgrid(pos_w, pos_h, indexing="xy"), dim=0).reshape(2, 1, len(pos_h), len(pos_w))
+    return get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
 
 
 class ClassEmbedding(LabelEmbedding):
@@ -180,6 +193,14 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
             in the config so that a saved model rebuilds its decomposition (see pipelines' ``decomposition_for``).
         timestep_scale: the timestep embedders embed sigma * timestep_scale (1000, the default, like DiT's
             integer timesteps; 1 for models converted from the SiT family, which embed the raw time in [0, 1]).
+        coarse_phase_on_coarse_grid: if True, every sample with stage 0 alone active (num_active_stages 1) runs on
+            stage 0's own token grid: its band patchified with the finest patch size (1/F^2 of the tokens, F the
+            product of the stage factors) through its own ``coarse_patch_embedder`` and ``coarse_head``; samples
+            with later stages active run on the finest grid exactly as with False (the default; old checkpoints).
+            Needs sample_size divisible by F * patch_size.
+        coarse_grid_positions: positions of the coarse grid's tokens: "scaled" (default: the sin-cos table at
+            the fine-grid positions of the coarse tokens' centres, F * i + (F - 1) / 2) or "own" (the coarse
+            grid's own DiT table, positions 0..h/F-1). Used only with coarse_phase_on_coarse_grid.
 
     Gradient checkpointing of the blocks: ``model.enable_gradient_checkpointing()`` (diffusers' API).
     """
@@ -206,6 +227,8 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         stage_scales: Sequence[float] | None = None,
         decomposition_antialias: bool = False,
         timestep_scale: float = 1000.0,
+        coarse_phase_on_coarse_grid: bool = False,
+        coarse_grid_positions: str = "scaled",
     ):
         super().__init__()
         if learn_sigma:
@@ -229,6 +252,15 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
                 f"patch_size {patch_size} must be divisible by the product of the stage factors {factors} "
                 f"({total_factor}): the coarsest stage's patch size would be fractional"
             )
+        if coarse_grid_positions not in COARSE_GRID_POSITIONS:
+            raise ValueError(f"coarse_grid_positions must be one of {COARSE_GRID_POSITIONS}, got {coarse_grid_positions!r}")
+        if coarse_phase_on_coarse_grid and num_stages < 2:
+            raise ValueError("coarse_phase_on_coarse_grid needs num_stages >= 2")
+        if coarse_phase_on_coarse_grid and sample_size % (patch_size * total_factor):
+            raise ValueError(
+                f"coarse_phase_on_coarse_grid needs sample_size {sample_size} divisible by patch_size x total stage "
+                f"factor = {patch_size * total_factor} (stage 0's band patchified with patch {patch_size})"
+            )
 
         self.out_channels = in_channels if out_channels is None else out_channels
         self.inner_dim = num_attention_heads * attention_head_dim
@@ -238,6 +270,7 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         self.stage_layers = DFMStageLayers(
             num_stages, factors, patch_size, in_channels, self.out_channels, self.inner_dim, first_timestep_stage=0,
             timestep_scale=timestep_scale,
+            coarse_grid=coarse_phase_on_coarse_grid,
         )
         self.class_embedder = ClassEmbedding(num_classes, self.inner_dim, class_dropout_prob)
         self.transformer_blocks = nn.ModuleList(
@@ -249,7 +282,7 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         """DiT's initialisation, extended to the per-stage layers.
 
         Xavier-uniform linears with zero biases; N(0, 0.02) class and timestep-MLP weights; zero adaLN modulation
-        in every block and every head, zero output projections (so the model starts by predicting 0); zero
+        in every block and every head (the coarse grid's too), zero output projections (so the model starts by predicting 0); zero
         stage-index embedding (so S = 1 starts exactly as DiT).
         """
 
@@ -269,7 +302,8 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         for block in self.transformer_blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        for head in layers.heads:
+        heads = list(layers.heads) + ([layers.coarse_head] if layers.own_coarse_layers else [])
+        for head in heads:
             nn.init.zeros_(head.norm_out.linear.weight)
             nn.init.zeros_(head.norm_out.linear.bias)
             nn.init.zeros_(head.proj_out.weight)
@@ -303,6 +337,24 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         pos = get_2d_sincos_pos_embed(self.inner_dim, grid, base_size=base_size, interpolation_scale=1.0, device=device)
         return pos.to(dtype).unsqueeze(0)
 
+    def coarse_positional_embedding(self, coarse_grid: tuple[int, int], device, dtype) -> torch.Tensor:
+        """Sin-cos embedding [1, h0*w0, D] of stage 0's own token grid (``coarse_grid_positions``).
+
+        "own": DiT's table of the coarse grid itself (positions 0..h0-1 at the configured size). "scaled": the
+        fine grid's table at the coarse tokens' centres: coarse token i covers fine tokens F*i .. F*i+F-1, so its
+        position is F*i + (F-1)/2 (in the fine grid's units, rescaled like :meth:`positional_embedding` at other
+        sizes).
+        """
+        base = self.config.sample_size // self.config.patch_size
+        f = self.stage_layers.coarse_factor
+        h0, w0 = coarse_grid
+        if self.config.coarse_grid_positions == "own":
+            pos = get_2d_sincos_pos_embed(self.inner_dim, coarse_grid, base_size=base // f, device=device)
+            return pos.to(dtype).unsqueeze(0)
+        pos_h = (f * torch.arange(h0, device=device, dtype=torch.float32) + (f - 1) / 2) * (base / (f * h0))
+        pos_w = (f * torch.arange(w0, device=device, dtype=torch.float32) + (f - 1) / 2) * (base / (f * w0))
+        return sincos_pos_embed_at(self.inner_dim, pos_h, pos_w).to(dtype).unsqueeze(0)
+
     def forward(
         self,
         hidden_states: list[torch.Tensor],
@@ -318,7 +370,8 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
             hidden_states: S tensors [B, C, H_s, W_s], coarse to fine; H_s = H_{S-1} / (product of later factors).
             timestep: [B, S] per-stage sigmas in [0, 1] (1 = pure noise; not multiplied by 1000).
             num_active_stages: [B] long in 1..S; stages s >= num_active_stages are masked: their inputs are
-                ignored and their outputs are zero.
+                ignored and their outputs are zero. With ``coarse_phase_on_coarse_grid`` the rows with 1 run on
+                stage 0's own token grid (a batch may mix both kinds of rows).
             class_labels: [B] long in 0..num_classes (num_classes = the null class).
             force_drop_ids: optional [B]; where 1/True the label is replaced by the null class.
             return_dict: return a :class:`DFMDiTTransformer2DModelOutput` rather than a tuple.
@@ -333,24 +386,57 @@ class DFMDiTTransformer2DModel(SelfContainedModelMixin, ModelMixin, ConfigMixin)
         active = stage_activity(num_active_stages, layers.num_stages)
         dtype = layers.patch_embedders[0].weight.dtype
 
-        # Tokens: sum of the per-stage patch embeddings + fixed positions.
-        x = layers.embed_stages(hidden_states, active)
-        x = x + self.positional_embedding(grid, x.device, x.dtype)
-
-        # Conditioning: class + per-stage timesteps + stage index.
-        c = self.class_embedder(class_labels.to(x.device), force_drop_ids).to(dtype)
+        # Conditioning: class + per-stage timesteps + stage index (the same on both grids).
+        device = hidden_states[-1].device
+        c = self.class_embedder(class_labels.to(device), force_drop_ids).to(dtype)
         c = c + layers.embed_conditioning(timestep, num_active_stages, dtype)
 
+        coarse = num_active_stages == 1 if self.config.coarse_phase_on_coarse_grid else None
+        if coarse is None or not coarse.any():
+            output = self._joint_grid(hidden_states, c, grid, active)
+        elif coarse.all():
+            output = self._coarse_grid(hidden_states, c, grid)
+        else:  # a mixed batch: each row on its own grid, one pass each
+            rows_c, rows_j = coarse.nonzero().squeeze(1), (~coarse).nonzero().squeeze(1)
+            out_c = self._coarse_grid([x[rows_c] for x in hidden_states], c[rows_c], grid)
+            out_j = self._joint_grid([x[rows_j] for x in hidden_states], c[rows_j], grid, active[rows_j])
+            order = torch.argsort(torch.cat([rows_c, rows_j]))
+            output = [torch.cat([a, b])[order] for a, b in zip(out_c, out_j)]
+        if not return_dict:
+            return (output,)
+        return DFMDiTTransformer2DModelOutput(sample=output)
+
+    def _blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         for block in self.transformer_blocks:
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, c)
             else:
                 x = block(x, c)
+        return x
 
-        output = layers.unembed_stages(x, c, grid, active)
-        if not return_dict:
-            return (output,)
-        return DFMDiTTransformer2DModelOutput(sample=output)
+    def _joint_grid(self, hidden_states, c, grid, active) -> list[torch.Tensor]:
+        """All stages on the finest stage's token grid (every pass without the coarse grid)."""
+        layers = self.stage_layers
+        x = layers.embed_stages(hidden_states, active)
+        x = x + self.positional_embedding(grid, x.device, x.dtype)
+        output = layers.unembed_stages(self._blocks(x, c), c, grid, active)
+        if torch.is_grad_enabled() and layers.own_coarse_layers:
+            output[0] = output[0] + zero_contribution(layers.coarse_patch_embedder, layers.coarse_head)
+        return output
+
+    def _coarse_grid(self, hidden_states, c, grid) -> list[torch.Tensor]:
+        """Stage 0 alone on its own token grid; later stages' velocities are zeros."""
+        layers = self.stage_layers
+        band = hidden_states[0]
+        coarse_grid = layers.coarse_grid_of(grid)
+        x = layers.embed_coarse(band)
+        x = x + self.coarse_positional_embedding(coarse_grid, x.device, x.dtype)
+        v0 = layers.unembed_coarse(self._blocks(x, c), c, coarse_grid)
+        if torch.is_grad_enabled():  # the finest grid's layers join the graph with weight 0 (for DDP)
+            v0 = v0 + zero_contribution(layers.patch_embedders, layers.heads)
+        zeros = [torch.zeros(x.shape[0], self.out_channels, *x.shape[2:], device=v0.device, dtype=v0.dtype)
+                 for x in hidden_states[1:]]
+        return [v0, *zeros]
 
     def _check_labels(self, class_labels, force_drop_ids, batch_size: int) -> None:
         num_classes = self.config.num_classes

@@ -46,6 +46,14 @@ that loss is 3.8x its optimum at sigma 0.1 at factor 2, 14.8x at factor 4, falli
 finetuning learns; it never reaches the image.
 The first implementation stays available as ``stage_upsampling=[1, 1]`` (factor 2 only), for comparisons.
 
+The coarse phase on the coarse grid (``coarse_phase_on_coarse_grid``, off by default; docs/coarse_grid.md)
+-------------------------------------------------------------------------------------------------------------
+With the flag, a pass with stage 0 alone is FLUX at the band's resolution: the band (at its own resolution, noise
+drawn there) packed 2x2 by stage 0's layers (FLUX's x_embedder / norm_out / proj_out), RoPE ids of that grid,
+1/F^2 of the tokens; DFMScheduler runs that phase at its own sigmas (FLUX's mu for the band's token count) and
+moves the state to the carrier at the threshold (``DFMScheduler.coarse_to_carrier``). Right after the conversion
+that phase is exactly FLUX generating at 1/F of the resolution.
+
 Not supported (FLUX's forward has them): ControlNet residuals, context parallelism. IP-Adapters work as in FLUX
 (``joint_attention_kwargs["ip_adapter_image_embeds"]``, loaded with the pipeline's ``load_ip_adapter``).
 """
@@ -58,6 +66,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel, ModelMixin  # noqa: F401  (pipeline loaders look up ModelMixin here)
 from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput, apply_lora_scale, logging
@@ -65,7 +74,7 @@ from diffusers.utils import BaseOutput, apply_lora_scale, logging
 from ..decomposition.laplacian import block_projection
 from ..utils import normalize_stage_factors
 from .loading import SelfContainedModelMixin, strict_from_pretrained
-from .stage_layers import DFMStageLayers, StageOutputHead, stage_activity, stage_patch_sizes
+from .stage_layers import DFMStageLayers, StageOutputHead, stage_activity, stage_patch_sizes, zero_contribution
 
 logger = logging.get_logger(__name__)
 
@@ -86,6 +95,17 @@ def default_stage_upsampling(num_stages: int, stage_factors: int | Sequence[int]
         else:
             upsampling.append(1 if FLUX_PACKING % below == 0 else below // math.gcd(below, FLUX_PACKING))
     return upsampling
+
+def check_coarse_phase_layout(num_stages: int, stage_factors, stage_upsampling: Sequence[int]) -> None:
+    """ValueError unless the coarse phase can run as FLUX on stage 0's band: 2+ stages, stage 0 carried by the total
+    factor (its patch embedder / head are then FLUX's 2x2 ones and apply to the band at its own resolution)."""
+    total = math.prod(normalize_stage_factors(num_stages, stage_factors))
+    if num_stages < 2 or int(stage_upsampling[0]) != total:
+        raise ValueError(
+            f"coarse_phase_on_coarse_grid needs 2+ stages with stage 0 carried at the finest resolution "
+            f"(stage_upsampling[0] = {total}, the default); got {num_stages} stages, stage_upsampling {list(stage_upsampling)}"
+        )
+
 
 # Every FluxTransformer2DModel.__init__ argument; from_flux copies these from the FLUX config.
 FLUX_CONFIG_KEYS = (
@@ -133,7 +153,10 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
       layout (stage 0 at its own resolution, patch 1), kept for comparisons only;
     - ``stage_scales``, ``decomposition_antialias``: the LaplacianDecomposition the model works with (per-stage
       standardization, off by default for images; antialiased instead of box downsampling). Stored for the
-      pipelines, unused by forward.
+      pipelines, unused by forward;
+    - ``coarse_phase_on_coarse_grid`` (default False): a pass with stage 0 alone runs as FLUX on stage 0's band at
+      its own resolution (see the module docstring and :meth:`set_coarse_phase_on_coarse_grid`); needs stage 0
+      carried at the finest resolution (the default ``stage_upsampling``).
     """
 
     _cp_plan = None  # FLUX's context-parallel plan refers to proj_out and packed tokens; not supported here.
@@ -160,6 +183,7 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
         decomposition_upsampling: str | None = None,
         band_split: bool = False,
         flux_timestep: str = "stage_0",
+        coarse_phase_on_coarse_grid: bool = False,
     ):
         if patch_size != 1:
             raise ValueError(
@@ -192,6 +216,8 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
                 raise ValueError(
                     "band_split keeps FLUX's units (FLUX reads the recomposed latent): stage_scales must be unset"
                 )
+        if coarse_phase_on_coarse_grid:
+            check_coarse_phase_layout(num_stages, factors, upsampling)
 
         super().__init__(
             patch_size=patch_size,
@@ -221,6 +247,7 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
             embedding_dim=self.inner_dim,
             first_timestep_stage=1,
             stage_upsampling=upsampling,
+            coarse_grid=coarse_phase_on_coarse_grid,
         )
 
     @apply_lora_scale("joint_attention_kwargs")
@@ -257,9 +284,41 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
             or ``(sample,)`` if not return_dict. Image position ids are built from the finest stage's token grid
             exactly as FluxPipeline._prepare_latent_image_ids does.
         """
+        if self.config.get("coarse_phase_on_coarse_grid", False):
+            output = self._route_coarse_phase(
+                hidden_states, encoder_hidden_states, pooled_projections, timestep, num_active_stages, guidance,
+                txt_ids, joint_attention_kwargs,
+            )
+            if output is not None:  # None: no row in the coarse phase, the joint grid as always
+                return DFMTransformer2DModelOutput(sample=output) if return_dict else (output,)
         layers = self.stage_layers
         grid = layers.check_inputs(hidden_states, timestep, num_active_stages)
-        batch_size, channels = hidden_states[-1].shape[:2]
+        self._check_conditioning(hidden_states[-1], encoder_hidden_states, pooled_projections, guidance)
+        txt_ids, img_ids = self._position_ids(
+            txt_ids, img_ids, encoder_hidden_states.shape[1], grid, hidden_states[-1].device
+        )
+
+        # Per-stage patch embeddings (stage s with its own patch size), summed; inactive stages contribute nothing.
+        active = stage_activity(num_active_stages, layers.num_stages)
+        if self.config.band_split:
+            hidden_states = self._band_split_inputs(hidden_states, num_active_stages.long() - 1)
+        hidden_states = layers.embed_stages(hidden_states, active)
+
+        temb = self._conditioning(timestep, num_active_stages, guidance, pooled_projections, hidden_states.dtype)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        hidden_states = self._blocks(hidden_states, encoder_hidden_states, temb, txt_ids, img_ids, joint_attention_kwargs)
+
+        # One head per stage, each unpatchified with its own patch size; inactive stages come back as zeros.
+        output = layers.unembed_stages(hidden_states, temb, grid, active)
+        if self.config.band_split:  # a detail stage's velocity lives in its band: zero block means
+            output = [out if s == 0 else out - block_projection(out, self._band_block(s)) for s, out in enumerate(output)]
+        if not return_dict:
+            return (output,)
+        return DFMTransformer2DModelOutput(sample=output)
+
+    def _check_conditioning(self, finest, encoder_hidden_states, pooled_projections, guidance) -> None:
+        """ValueError unless the text / guidance inputs fit the batch."""
+        batch_size, channels = finest.shape[:2]
         if channels != self.latent_channels:
             raise ValueError(f"stage tensors need in_channels // 4 = {self.latent_channels} channels, got {channels}")
         text = encoder_hidden_states
@@ -275,28 +334,24 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
                 if self.config.guidance_embeds
                 else "this model has no guidance embedding (guidance_embeds=False): pass guidance=None"
             )
-        device = hidden_states[-1].device
-        text_len = encoder_hidden_states.shape[1]
-        txt_ids, img_ids = self._position_ids(txt_ids, img_ids, text_len, grid, device)
 
-        # Per-stage patch embeddings (stage s with its own patch size), summed; inactive stages contribute nothing.
-        active = stage_activity(num_active_stages, layers.num_stages)
-        newest = num_active_stages.long() - 1
-        stage_inputs = self._band_split_inputs(hidden_states, newest) if self.config.band_split else hidden_states
-        hidden_states = layers.embed_stages(stage_inputs, active)
-
-        # FLUX's time input (see flux_timestep) through FLUX's own embedder (with guidance and pooled text), the
-        # sigmas of stages >= 1 through the per-stage embedders, plus the stage-index embedding.
-        sigma_0 = self.flux_sigma(timestep, newest).to(hidden_states.dtype) * 1000
+    def _conditioning(self, timestep, num_active_stages, guidance, pooled_projections, dtype) -> torch.Tensor:
+        """FLUX's time input (``flux_timestep``; stage 0's sigma while it is alone) through FLUX's own embedder (with
+        guidance and pooled text), the sigmas of stages >= 1 through the per-stage embedders, plus the stage-index
+        embedding. -> temb [B, D]."""
+        sigma_0 = self.flux_sigma(timestep, num_active_stages.long() - 1).to(dtype) * 1000
         if guidance is not None:
-            guidance = guidance.to(hidden_states.dtype) * 1000
+            guidance = guidance.to(dtype) * 1000
         temb = (
             self.time_text_embed(sigma_0, pooled_projections)
             if guidance is None
             else self.time_text_embed(sigma_0, guidance, pooled_projections)
         )
-        temb = temb + layers.embed_conditioning(timestep, num_active_stages, temb.dtype)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        return temb + self.stage_layers.embed_conditioning(timestep, num_active_stages, temb.dtype)
+
+    def _blocks(self, hidden_states, encoder_hidden_states, temb, txt_ids, img_ids, joint_attention_kwargs):
+        """FLUX's blocks on the image tokens (position ids ``img_ids`` [N, 3]) and the embedded text tokens
+        (``txt_ids`` [L, 3]); -> image tokens."""
         image_rotary_emb = self.pos_embed(torch.cat((txt_ids.to(img_ids.dtype), img_ids), dim=0))
         if joint_attention_kwargs is not None and "ip_adapter_image_embeds" in joint_attention_kwargs:
             ip_adapter_image_embeds = joint_attention_kwargs.pop("ip_adapter_image_embeds")
@@ -315,14 +370,96 @@ class DFMTransformer2DModel(SelfContainedModelMixin, FluxTransformer2DModel):
                     image_rotary_emb=image_rotary_emb,
                     joint_attention_kwargs=joint_attention_kwargs,
                 )
+        return hidden_states
 
-        # One head per stage, each unpatchified with its own patch size; inactive stages come back as zeros.
-        output = layers.unembed_stages(hidden_states, temb, grid, active)
-        if self.config.band_split:  # a detail stage's velocity lives in its band: zero block means
-            output = [out if s == 0 else out - block_projection(out, self._band_block(s)) for s, out in enumerate(output)]
-        if not return_dict:
-            return (output,)
-        return DFMTransformer2DModelOutput(sample=output)
+    # ------------------------------------------------------------------------------- the coarse phase
+    def set_coarse_phase_on_coarse_grid(self, enabled: bool = True) -> "DFMTransformer2DModel":
+        """Switch the coarse phase onto stage 0's own token grid (or back). It adds no parameters (stage 0's
+        layers are FLUX's 2x2 ones and apply to the band as they are), so a converted or saved model can be
+        switched at any time; the config records it. Returns the model."""
+        config = self.config
+        if enabled:
+            check_coarse_phase_layout(config.num_stages, config.stage_factors, config.stage_upsampling)
+        self.register_to_config(coarse_phase_on_coarse_grid=bool(enabled))
+        self.stage_layers.coarse_grid = bool(enabled)
+        return self
+
+    def _route_coarse_phase(
+        self, hidden_states, encoder_hidden_states, pooled_projections, timestep, num_active_stages, guidance,
+        txt_ids, joint_attention_kwargs,
+    ) -> list[torch.Tensor] | None:
+        """Rows with stage 0 alone on the coarse grid, the others through the joint grid; None if there are none.
+
+        Stage 0 of a coarse-phase row is its band's state at its own resolution: a stage-0 tensor at the band's
+        resolution (every row in the coarse phase; the pipeline's case), or, in a batch of carrier-sized stage-0
+        tensors (training batches that mix phases), the band's state nearest-upsampled to the carrier, read back
+        by average pooling; the velocity comes back at the same size.
+        """
+        layers = self.stage_layers
+        if not isinstance(hidden_states, (list, tuple)) or len(hidden_states) != layers.num_stages:
+            return None  # check_inputs names the problem
+        if not torch.is_tensor(num_active_stages) or tuple(num_active_stages.shape) != (hidden_states[-1].shape[0],):
+            return None
+        coarse = num_active_stages == 1
+        u0 = self.config.stage_upsampling[0]
+        stage0, finest = hidden_states[0], hidden_states[-1]
+        p = layers.finest_patch_size
+        band_shape = layers.coarse_band_shape((finest.shape[-2] // p, finest.shape[-1] // p))
+        at_band = stage0.ndim == 4 and tuple(stage0.shape[-2:]) == band_shape
+        if not at_band and not coarse.any():
+            return None
+        if at_band and not coarse.all():
+            raise ValueError(
+                f"stage 0 at its band's resolution {band_shape} is the coarse phase: every row needs "
+                f"num_active_stages 1, got {num_active_stages.tolist()}"
+            )
+        grid = layers.check_inputs(hidden_states, timestep, num_active_stages, stage0_at_band=at_band)
+        layers.coarse_grid_of(grid)
+        self._check_conditioning(finest, encoder_hidden_states, pooled_projections, guidance)
+
+        def pick(t, rows):
+            return t if rows is None or t is None else t[rows]
+
+        def coarse_rows(rows):
+            band = stage0 if at_band else F.avg_pool2d(stage0.float(), u0).to(stage0.dtype)
+            v0 = self._coarse_phase(
+                pick(band, rows), pick(encoder_hidden_states, rows), pick(pooled_projections, rows),
+                pick(timestep, rows), pick(num_active_stages, rows), pick(guidance, rows), txt_ids,
+                joint_attention_kwargs,
+            )
+            return v0 if at_band else F.interpolate(v0, scale_factor=u0, mode="nearest")
+
+        if coarse.all():
+            v0 = coarse_rows(None)
+            zeros = [torch.zeros(v0.shape[0], self.out_latent_channels, *x.shape[2:], device=v0.device, dtype=v0.dtype)
+                     for x in hidden_states[1:]]
+            return [v0, *zeros]
+        # a mixed batch (carrier-sized stage 0): the coarse rows here, the others through the joint grid
+        rows_c, rows_j = coarse.nonzero().squeeze(1), (~coarse).nonzero().squeeze(1)
+        v0_c = coarse_rows(rows_c)
+        out_j = self.forward(
+            [x[rows_j] for x in hidden_states], pick(encoder_hidden_states, rows_j), pick(pooled_projections, rows_j),
+            pick(timestep, rows_j), pick(num_active_stages, rows_j), guidance=pick(guidance, rows_j), txt_ids=txt_ids,
+            joint_attention_kwargs=joint_attention_kwargs, return_dict=False,
+        )[0]
+        out_c = [v0_c] + [torch.zeros(len(rows_c), *v.shape[1:], device=v.device, dtype=v.dtype) for v in out_j[1:]]
+        order = torch.argsort(torch.cat([rows_c, rows_j]))
+        return [torch.cat([a, b])[order] for a, b in zip(out_c, out_j)]
+
+    def _coarse_phase(self, band, encoder_hidden_states, pooled_projections, timestep, num_active_stages, guidance,
+                      txt_ids, joint_attention_kwargs) -> torch.Tensor:
+        """Stage 0's band [B, C, H_0, W_0] -> its velocity, FLUX on the band's own 2x2-packed token grid."""
+        layers = self.stage_layers
+        coarse_grid = (band.shape[-2] // layers.finest_patch_size, band.shape[-1] // layers.finest_patch_size)
+        tokens = layers.embed_coarse(band)
+        temb = self._conditioning(timestep, num_active_stages, guidance, pooled_projections, tokens.dtype)
+        text = self.context_embedder(encoder_hidden_states)
+        txt_ids, img_ids = self._position_ids(txt_ids, None, text.shape[1], coarse_grid, band.device)
+        tokens = self._blocks(tokens, text, temb, txt_ids, img_ids, joint_attention_kwargs)
+        v0 = layers.unembed_coarse(tokens, temb, coarse_grid)
+        if torch.is_grad_enabled():  # later stages' layers join the graph with weight 0 (for DDP)
+            v0 = v0 + zero_contribution(*layers.patch_embedders[1:], *layers.heads[1:])
+        return v0
 
     def _band_block(self, s: int) -> int:
         """Block size (on stage s's tensor) whose block means the Haar band s >= 1 does not hold."""

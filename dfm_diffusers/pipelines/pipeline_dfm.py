@@ -67,6 +67,10 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
     (:meth:`pack_stage_latents`, what callbacks receive). The time shift is FLUX's dynamic shifting with mu computed
     from the token count (the finest stage's), when the scheduler has ``use_dynamic_shifting`` (as converted
     FLUX.1-dev schedulers do), else the scheduler's static ``shift``.
+
+    With a transformer whose ``coarse_phase_on_coarse_grid`` is set, phase 0 is FLUX at the band's resolution:
+    stage 0's noise is drawn at the band's own resolution, phase 0 uses FLUX's mu for the band's token count, and
+    the scheduler moves stage 0 to the carrier at the threshold (docs/coarse_grid.md); nothing else changes.
     """
 
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
@@ -107,14 +111,18 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
         stage_thresholds=None,
         stage_upsampling=None,
         new_stage_init: str = "band_split",
+        coarse_phase_on_coarse_grid: bool = False,
     ) -> "DFMPipeline":
         """Convert a loaded FluxPipeline: DFMTransformer2DModel.from_flux + DFMScheduler.from_flow_match;
         the text encoders, tokenizers and VAE are shared with ``flux_pipe``. ``stage_upsampling`` is from_flux's
-        (default: the paper's conversion, stage 0 carried at the finest resolution), ``new_stage_init`` too."""
+        (default: the paper's conversion, stage 0 carried at the finest resolution), ``new_stage_init`` too;
+        ``coarse_phase_on_coarse_grid`` runs phase 0 as FLUX at the band's resolution (docs/coarse_grid.md)."""
         transformer = DFMTransformer2DModel.from_flux(
             flux_pipe.transformer, num_stages=num_stages, stage_factors=stage_factors, stage_upsampling=stage_upsampling,
             new_stage_init=new_stage_init,
         )
+        if coarse_phase_on_coarse_grid:
+            transformer.set_coarse_phase_on_coarse_grid(True)
         scheduler = DFMScheduler.from_flow_match(
             flux_pipe.scheduler, num_stages=num_stages, steps_per_stage=steps_per_stage, stage_thresholds=stage_thresholds
         )
@@ -137,8 +145,11 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
     @property
     def stage_size_multiple(self) -> int:
         """Image height and width must be multiples of this: the VAE factor x the least common multiple of FLUX's
-        2x2 packing and the product of the stage factors."""
+        2x2 packing and the product of the stage factors (x 2 F with the coarse phase on the coarse grid: the band
+        is 2x2-packed at its own resolution)."""
         total = self.decomposition.total_factor
+        if self.coarse_phase_on_coarse_grid:
+            return self.vae_scale_factor * 2 * total
         return self.vae_scale_factor * (2 * total // math.gcd(2, total))
 
     def round_to_stage_multiple(self, height: int, width: int, warn: bool = True) -> tuple[int, int]:
@@ -159,16 +170,27 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
             )
         return rounded
 
+    @property
+    def coarse_phase_on_coarse_grid(self) -> bool:
+        """Whether phase 0 runs on stage 0's band at its own resolution (the transformer's config flag)."""
+        return bool(self.transformer.config.get("coarse_phase_on_coarse_grid", False))
+
     def latent_stage_shapes(self, height: int, width: int) -> list[tuple[int, int]]:
-        """Per-stage latent (carrier) sizes for an image of height x width pixels; ValueError if they do not fit.
-        With the default conversion stage 0 is carried at the finest latent resolution (its noise is drawn there)."""
+        """Per-stage initial latent sizes for an image of height x width pixels; ValueError if they do not fit.
+        With the default conversion stage 0 is carried at the finest latent resolution (its noise is drawn there);
+        with ``coarse_phase_on_coarse_grid`` it starts at its band's own resolution (2x2-packed there)."""
         multiple = self.stage_size_multiple
         if height % multiple or width % multiple:
             raise ValueError(
                 f"height and width must be divisible by {multiple} (VAE factor {self.vae_scale_factor} x the 2x2 "
-                f"packing and stage factors {self.decomposition.factors}); got height={height}, width={width}"
+                f"packing and stage factors {self.decomposition.factors}"
+                f"{', at the band of stage 0' if self.coarse_phase_on_coarse_grid else ''}); got height={height}, "
+                f"width={width}"
             )
-        return self.decomposition.stage_shapes(height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shapes = self.decomposition.stage_shapes(height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if self.coarse_phase_on_coarse_grid:
+            shapes[0] = self.decomposition.band_shapes(height // self.vae_scale_factor, width // self.vae_scale_factor)[0]
+        return shapes
 
     def prepare_stage_latents(self, batch_size, height, width, dtype, device, generator, latents=None):
         """Per-stage initial noise (drawn stage by stage, coarse to fine) or the given latents (a list of stage
@@ -400,7 +422,22 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
             config.get("base_shift", 0.5),
             config.get("max_shift", 1.15),
         )
-        self.scheduler.set_timesteps(steps_per_stage, device=device, mu=mu, stage_thresholds=stage_thresholds)
+        coarse = {}
+        if self.coarse_phase_on_coarse_grid:  # phase 0: FLUX at the band's resolution, with its mu
+            coarse_seq_len = (latents[0].shape[-2] // 2) * (latents[0].shape[-1] // 2)
+            coarse = dict(
+                coarse_phase_factor=self.decomposition.upsampling[0],
+                coarse_mu=calculate_shift(
+                    coarse_seq_len,
+                    config.get("base_image_seq_len", 256),
+                    config.get("max_image_seq_len", 4096),
+                    config.get("base_shift", 0.5),
+                    config.get("max_shift", 1.15),
+                ),
+            )
+        self.scheduler.set_timesteps(
+            steps_per_stage, device=device, mu=mu, stage_thresholds=stage_thresholds, **coarse
+        )
         sigmas_table = self.scheduler.sigmas
         num_steps = self.scheduler.num_inference_steps
         self._num_timesteps = num_steps
@@ -447,7 +484,7 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
                     velocity = [n + true_cfg_scale * (v - n) for v, n in zip(velocity, negative)]
 
                 self.add_stage_preview(previews, i, latents, velocity, output_type)
-                latents = self.scheduler.step(velocity, i, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity, i, latents, return_dict=False, generator=generator)[0]
 
                 if callback_on_step_end is not None:
                     latents, prompt_embeds = self.run_step_end_callback(

@@ -138,7 +138,11 @@ class DFMStagewiseMixin:
             return
         sigmas = sched.sigmas[step]
         x0 = [latents[s].float() - sigmas[s] * velocity[s].float() for s in range(stage + 1)]
-        preview = self.decomposition.preview(x0, upto=stage).to(latents[0].dtype)
+        decomposition = self.decomposition
+        u0 = decomposition.upsampling[0]
+        if stage == 0 and getattr(sched, "coarse_phase_steps", 0) and u0 > 1:  # the band at its own resolution
+            x0[0] = torch.nn.functional.interpolate(x0[0], scale_factor=u0, mode="nearest")  # -> its carrier
+        preview = decomposition.preview(x0, upto=stage).to(latents[0].dtype)
         preview = self.decode_preview(preview, output_type)
         if previews is not None:
             previews.append(preview)

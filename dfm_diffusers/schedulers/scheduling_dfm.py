@@ -26,6 +26,15 @@ In numbers: the carrier's block means see noise sigma / f against signal 1 - sig
 sigma_band = sigma / (f - (f - 1) sigma), the inverse of a static shift by f (0.026 at the paper's 0.05, f = 2);
 a natively noised stage 0 would need that shift on top of the table's to reach FLUX's inputs (issue option b's
 remap 2 sigma / (1 + sigma)).
+The coarse phase on the coarse grid (``set_timesteps(coarse_phase_factor=F, coarse_mu=...)``, used by DFMPipeline
+for a model with ``coarse_phase_on_coarse_grid``): phase 0 runs on stage 0's band at its own resolution, noised
+there (FLUX at 1/F of the resolution), so column 0 of phase 0 holds the band's own sigma sigma_c, shifted with
+FLUX's mu for the band's token count (``coarse_mu``), from 1 to sigma_c_end = theta / (F - (F - 1) theta), the sigma
+at which the band's signal-to-noise ratio equals the carrier's at the threshold theta. The last step of phase 0
+lands there and moves the state to the carrier (:meth:`DFMScheduler.coarse_to_carrier`): nearest-upsampled by F,
+scaled by a = 1 / (1 + (F - 1) sigma_c), plus fresh within-block noise of std sigma (zero block means), which is
+exactly the carrier at sigma = F sigma_c / (1 + (F - 1) sigma_c) = theta that training noises. Phases >= 1 are
+unchanged. docs/coarse_grid.md derives it.
 Measured (RESULTS.md, FLUX finetuning analog, step 1000, static shift 0.5 / 1 / 2 on the whole table): plain FLUX
 finetuning is flat (FD 0.93 / 0.98 / 0.97), the DFM model improves with more shift (3.96 / 3.22 / 2.91): a smaller
 shift for the coarse stage is not supported by the data.
@@ -38,9 +47,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 _FLOW_MATCH_KEYS = (
     "num_train_timesteps",
@@ -90,7 +101,8 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
 
     After ``set_timesteps``: ``sigmas`` [K+1, S] (last row zeros), ``timesteps`` [K, S] (= sigma * 1000),
     ``num_active_stages`` [K] (stage i is active from the first step of phase i), ``stage_index`` [K]
-    (the phase of each step), with K = sum(steps_per_stage).
+    (the phase of each step), with K = sum(steps_per_stage); ``coarse_phase_steps`` (0, or the number of first
+    steps that run on stage 0's band at its own resolution, see ``set_timesteps(coarse_phase_factor=...)``).
     """
 
     order = 1
@@ -129,6 +141,9 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         self.stage_index = None
         self.steps_per_stage = None
         self.stage_thresholds = None
+        self.coarse_phase_steps = 0
+        self.coarse_phase_factor = None
+        self.coarse_end_sigma = None
 
     # ----------------------------------------------------------------------------------------- validation
     def _check_steps(self, steps_per_stage) -> list[int]:
@@ -201,6 +216,8 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         mu: float | None = None,
         stage_thresholds: Sequence[float] | None = None,
+        coarse_phase_factor: int | None = None,
+        coarse_mu: float | None = None,
     ):
         """Build the per-stage sigma table.
 
@@ -208,6 +225,11 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
             steps_per_stage: Euler steps of each phase; an int total is split in the config's ratio.
             mu: FLUX's dynamic-shift parameter (required when ``use_dynamic_shifting``).
             stage_thresholds: per-call override of the config's thresholds (actual sigmas, after the shift).
+            coarse_phase_factor: F >= 2 for a model whose coarse phase runs on stage 0's band at its own resolution
+                while stage 0 is otherwise carried F x upsampled (FLUX-DFM with ``coarse_phase_on_coarse_grid``):
+                phase 0's column holds the band's own sigmas, from 1 to theta / (F - (F - 1) theta), and its last
+                step moves stage 0 to the carrier (see the module docstring). None: the ordinary table.
+            coarse_mu: the shift of phase 0 in that mode (FLUX's mu for the band's token count; default ``mu``).
         """
         if steps_per_stage is None:
             steps = list(self.config.steps_per_stage)
@@ -233,7 +255,20 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
                 phase_of_step.append(i)
             current = [start[j] * end if j < i else (end if j == i else 1.0) for j in range(S)]
         rows.append([0.0] * S)
-        sigmas = self._shift_sigmas(torch.tensor(rows, dtype=torch.float64), shift_k).float()
+        sigmas = self._shift_sigmas(torch.tensor(rows, dtype=torch.float64), shift_k)
+        self.coarse_phase_steps, self.coarse_phase_factor, self.coarse_end_sigma = 0, None, None
+        if coarse_phase_factor is not None:
+            factor = int(coarse_phase_factor)
+            if S < 2 or factor != coarse_phase_factor or factor < 2:
+                raise ValueError(f"coarse_phase_factor must be an int >= 2 with 2+ stages, got {coarse_phase_factor}")
+            end = self.band_sigma(thresholds[0], factor)
+            k_c = self._shift_constant(mu if coarse_mu is None else coarse_mu)
+            n0 = steps[0]
+            start = self.unshift_sigma(end, k_c)
+            phase0 = torch.tensor([1.0 - k * (1.0 - start) / n0 for k in range(n0)], dtype=torch.float64)
+            sigmas[:n0, 0] = self._shift_sigmas(phase0, k_c)
+            self.coarse_phase_steps, self.coarse_phase_factor, self.coarse_end_sigma = n0, factor, end
+        sigmas = sigmas.float()
         self.sigmas = sigmas.to(device)
         self.timesteps = (sigmas[:-1] * self.config.num_train_timesteps).to(device)
         self.num_active_stages = torch.tensor(active, dtype=torch.long, device=device)
@@ -242,6 +277,35 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         self.stage_thresholds = thresholds
         self.num_inference_steps = len(active)
 
+    # -------------------------------------------------------------------------------- the coarse phase
+    @staticmethod
+    def band_sigma(sigma: float, factor: int) -> float:
+        """The sigma of a band noised at its own resolution whose signal-to-noise ratio equals that of its F x F
+        nearest-upsampled carrier noised at ``sigma`` (block means carry noise sigma / F): sigma / (F - (F-1) sigma)."""
+        return sigma / (factor - (factor - 1) * sigma)
+
+    @staticmethod
+    def carrier_sigma(sigma_c: float, factor: int) -> float:
+        """Inverse of :meth:`band_sigma`: F sigma_c / (1 + (F - 1) sigma_c)."""
+        return factor * sigma_c / (1 + (factor - 1) * sigma_c)
+
+    @classmethod
+    def coarse_to_carrier(
+        cls, x: torch.Tensor, sigma_c: float, factor: int, generator: torch.Generator | list | None = None
+    ) -> torch.Tensor:
+        """A band's state x = (1 - sigma_c) band + sigma_c eps_c ([B, C, h, w], noise i.i.d. at its own resolution)
+        -> its carrier's state [B, C, h F, w F] at ``carrier_sigma(sigma_c, F)``: (1 - sigma) up(band) + sigma eps
+        with eps i.i.d. N(0, 1) at the carrier's resolution, in distribution (exactly for the noise: the block means
+        are a * x, a = 1 / (1 + (F - 1) sigma_c); the within-block deviations are fresh noise of std sigma, drawn
+        with ``generator``). Computes in float32, returns x's dtype."""
+        a = 1.0 / (1.0 + (factor - 1) * sigma_c)
+        sigma = factor * sigma_c * a
+        b, c, h, w = x.shape
+        eps = randn_tensor((b, c, h * factor, w * factor), generator=generator, device=x.device, dtype=torch.float32)
+        within = eps - F.interpolate(F.avg_pool2d(eps, factor), scale_factor=factor, mode="nearest")
+        carrier = F.interpolate(a * x.float(), scale_factor=factor, mode="nearest") + sigma * within
+        return carrier.to(x.dtype)
+
     # ------------------------------------------------------------------------------------------ the step
     def step(
         self,
@@ -249,10 +313,13 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
         step_index: int,
         sample: Sequence[torch.Tensor],
         return_dict: bool = True,
+        generator: torch.Generator | list | None = None,
     ) -> DFMSchedulerOutput | tuple:
         """Euler step x_s <- x_s + (sigma_next_s - sigma_s) * v_s for every active stage s.
 
-        Inactive stages are returned untouched. Computes in float32, returns each sample's dtype.
+        Inactive stages are returned untouched. Computes in float32, returns each sample's dtype. In the coarse-
+        phase mode the last step of phase 0 ends at ``coarse_end_sigma`` and returns stage 0 as its carrier
+        (:meth:`coarse_to_carrier`, its within-block noise drawn with ``generator``).
         """
         if self.sigmas is None:
             raise ValueError("call set_timesteps before step")
@@ -267,8 +334,12 @@ class DFMScheduler(SchedulerMixin, ConfigMixin):
             if s >= num_active:
                 prev.append(sample[s])
                 continue
-            dt = (self.sigmas[step_index + 1, s] - self.sigmas[step_index, s]).float()
+            transition = s == 0 and step_index == self.coarse_phase_steps - 1
+            next_sigma = self.coarse_end_sigma if transition else self.sigmas[step_index + 1, s]
+            dt = (next_sigma - self.sigmas[step_index, s]).float()
             x = sample[s].float() + dt.to(sample[s].device) * model_output[s].float()
+            if transition:
+                x = self.coarse_to_carrier(x, self.coarse_end_sigma, self.coarse_phase_factor, generator)
             prev.append(x.to(sample[s].dtype))
         if not return_dict:
             return (prev,)

@@ -79,6 +79,10 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
         None, "conversion only: per-stage carrier factors (default: the paper's, stage 0 carried at the finest "
         "resolution; [1, 1] is the first implementation's stage 0 at its own resolution, kept for comparisons)"
     )
+    coarse_phase_on_coarse_grid: bool | None = setting(
+        None, "run phase 0 as FLUX on stage 0's band at its own resolution (1/F^2 of the tokens; "
+        "docs/coarse_grid.md); null keeps the pipeline's own setting (off after a conversion)"
+    )
     new_stage_init: Literal["band_split", "x_embedder", "zero"] = setting(
         "band_split", "conversion only: how stages >= 1 start. band_split: the converted model samples like FLUX "
         "(Haar pyramid, FLUX's input projection and head split into bands; needs stage_scales unset); x_embedder / "
@@ -360,7 +364,11 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
             )
         vae = own
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
-    info = dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor)
+    coarse = config.coarse_phase_on_coarse_grid
+    if coarse is None:
+        coarse = kind == "dfm" and bool(tconf.get("coarse_phase_on_coarse_grid", False))
+    info = dict(kind=kind, num_stages=num_stages, stage_factors=factors, vae_scale_factor=vae_scale_factor,
+                coarse_phase_on_coarse_grid=coarse)
     ok, key, problem = _resolution_check(config.resolution, info)
     if check_resolution and not ok:
         raise ValueError(f"{key} {problem}")
@@ -368,8 +376,11 @@ def inspect_pretrained(config: FluxTrainingConfig, check_resolution: bool = True
 
 
 def resolution_multiple(info: dict) -> int:
-    """What every image side must be a multiple of: VAE factor x FLUX's 2x2 packing x the stage factors."""
+    """What every image side must be a multiple of: VAE factor x FLUX's 2x2 packing x the stage factors (the
+    packing applies to stage 0's band too when the coarse phase runs on its own grid)."""
     total = math.prod(info["stage_factors"])
+    if info.get("coarse_phase_on_coarse_grid"):
+        return info["vae_scale_factor"] * 2 * total
     return info["vae_scale_factor"] * (2 * total // math.gcd(2, total))
 
 
@@ -427,6 +438,8 @@ def load_dfm_pipeline(config: FluxTrainingConfig, info: dict | None = None):
             if config.stage_thresholds is not None:
                 overrides["stage_thresholds"] = config.stage_thresholds
             pipe.scheduler = DFMScheduler.from_config(pipe.scheduler.config, **overrides)
+    if config.coarse_phase_on_coarse_grid is not None:
+        pipe.transformer.set_coarse_phase_on_coarse_grid(config.coarse_phase_on_coarse_grid)
     pipe.latent_stage_shapes(config.resolution, config.resolution)  # authoritative resolution check
     return pipe
 
@@ -613,7 +626,10 @@ class FluxTask:
                 return_dict=False,
             )[0]
 
-        return dfm_objective(self.config, bands, predict, noise=noise)
+        carrier = None  # the coarse phase on the band's own grid: stage 0's carrier factor
+        if self.transformer.config.get("coarse_phase_on_coarse_grid", False):
+            carrier = self.decomposition.upsampling[0]
+        return dfm_objective(self.config, bands, predict, noise=noise, coarse_phase_carrier=carrier)
 
     def loss_fn(self, model, batch):
         out = self.objective(model, batch)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .config import finite, setting
@@ -175,6 +176,30 @@ def noise_stages(
     return inputs, targets
 
 
+def coarse_phase_inputs(
+    x0: torch.Tensor, eps0: torch.Tensor, sigma0: torch.Tensor, coarse_rows: torch.Tensor, carrier_factor: int,
+    inputs0: torch.Tensor, targets0: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 0 of the rows in the coarse phase noised at its band's own resolution, for a model whose stage 0 is
+    otherwise carried ``carrier_factor`` (u) x upsampled and whose coarse phase runs on the band
+    (``coarse_phase_on_coarse_grid``).
+
+    For those rows (``coarse_rows`` [B] bool): band = avgpool_u(x0), eps_c = u * avgpool_u(eps0) (i.i.d. N(0, 1) at
+    the band's resolution, from the same draw), input (1 - sigma) band + sigma eps_c and target eps_c - band, both
+    nearest-upsampled back to the carrier's size (the model reads them back by average pooling; the MSE over the
+    carrier equals the band's). Other rows keep ``inputs0`` / ``targets0``. Returns (inputs0, targets0) updated.
+    """
+    u = int(carrier_factor)
+    band = F.avg_pool2d(x0.float(), u)
+    eps_c = u * F.avg_pool2d(eps0.float(), u)
+    sigma = sigma0.to(device=x0.device, dtype=torch.float32).view(-1, 1, 1, 1)
+    up = lambda t: F.interpolate(t, scale_factor=u, mode="nearest")  # noqa: E731
+    rows = coarse_rows.to(x0.device).view(-1, 1, 1, 1)
+    inputs = torch.where(rows, up((1 - sigma) * band + sigma * eps_c).to(inputs0.dtype), inputs0)
+    targets = torch.where(rows, up(eps_c - band).to(targets0.dtype), targets0)
+    return inputs, targets
+
+
 def stage_mse(model_output: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """[B, S] float32: per-sample velocity MSE of every stage, mean_{c,h,w}((v_hat - v)^2)."""
     if len(model_output) != len(targets):
@@ -323,6 +348,7 @@ def dfm_objective(
     predict,
     noise: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    coarse_phase_carrier: int | None = None,
 ) -> DFMObjectiveOutput:
     """One DFM training objective evaluation, shared by every trainer.
 
@@ -335,6 +361,11 @@ def dfm_objective(
         stage_latents: S clean bands [B, C, H_s, W_s], coarse to fine (the decomposition's output).
         predict: ``(inputs: list of S tensors, draw: DFMTrainingSigmas) -> list of S velocities``.
         noise: optional S noise tensors (default: drawn with ``generator`` / the global RNG).
+        coarse_phase_carrier: for a model with ``coarse_phase_on_coarse_grid`` whose stage 0 is carried u x
+            upsampled (FLUX-DFM: u = the total stage factor): the samples generating stage 0 get stage 0 noised at
+            its band's own resolution (:func:`coarse_phase_inputs`), which the model runs on the coarse grid in the
+            same forward pass. None or 1 (DFM-DiT, whose stage 0 is its band) changes nothing: the model routes
+            those samples to the coarse grid by their num_active_stages alone.
     """
     x = stage_latents[0]
     draw = sample_dfm_training_sigmas(
@@ -344,7 +375,18 @@ def dfm_objective(
         stage_sampling=config.stage_sampling, tied_timesteps=config.tied_timesteps, generator=generator,
         device=x.device,
     )
+    coarse = coarse_phase_carrier is not None and int(coarse_phase_carrier) > 1
+    if coarse and noise is None:  # drawn here as noise_stages would, because the coarse rows reuse stage 0's
+        noise = [
+            torch.randn(s.shape, generator=generator, device=generator.device if generator else s.device)
+            for s in stage_latents
+        ]
     inputs, targets = noise_stages(stage_latents, draw.sigmas, draw.loss_mask, noise=noise, generator=generator)
+    if coarse:
+        inputs[0], targets[0] = coarse_phase_inputs(
+            stage_latents[0], noise[0].to(stage_latents[0].device), draw.sigmas[:, 0], draw.stage == 0,
+            coarse_phase_carrier, inputs[0], targets[0],
+        )
     prediction = predict(inputs, draw)
     mse = stage_mse(prediction, targets)
     loss, per_stage = masked_stage_loss(mse, draw.loss_mask, config.stage_loss_weights)

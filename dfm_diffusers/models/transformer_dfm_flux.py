@@ -7,44 +7,13 @@ on the summed tokens. Stage 0's sigma goes through FLUX's own timestep/guidance/
 sigmas through per-stage embedders; an embedding of the stage index (num_active_stages - 1) is added to the
 conditioning. One output head per stage.
 
-How stage 0 is presented to FLUX (paper appendix E)
---------------------------------------------------------------------------
-Stage 0 is *carried at the finest resolution*: its tensor is the clean band nearest-upsampled by the total stage
-factor F (``stage_upsampling[0] = F``) with i.i.d. noise drawn at that resolution, so FLUX's own 2x2 packing,
-x_embedder and proj_out apply verbatim, and the recomposition averages it back over F x F blocks
-(LaplacianDecomposition(stage_upsampling=...) does both, so training, sampler and previews agree). Right after
-``from_flux`` the stage-0 velocity is exactly FLUX's velocity on that carrier: FLUX sees the low-resolution content
-as an ordinary full-resolution input at the same sigma (the paper's "replicates the pretrained model's
-low-resolution predictions").
-
-Consequences, worked out:
-- noise prior: the sampler starts stage 0 from i.i.d. N(0, 1) at the carrier's (finest) resolution. On the band
-  itself that is N(0, 1/F^2) per coarse pixel (the block mean) plus within-block noise that the recomposition
-  discards; training draws the same noise (the objective noises the carrier), so prior and training agree.
-- sampler: Euler on the carrier, exactly as on any stage; the within-block part of stage 0 follows FLUX's own
-  full-resolution trajectory (in distribution for FLUX) and only its block means enter the image and previews.
-- time: at a given sigma the coarse content carries noise of std sigma / F, as in FLUX's own full-resolution
-  generation, so FLUX's full-resolution mu (the token count is the finest stage's) is the in-distribution shift
-  for stage 0 (see DFMScheduler).
-- later stages: stage s >= 1 is carried at its own resolution with patch 2 * H_s / H_finest when that is an
-  integer, else nearest-upsampled to half the finest resolution with patch 1 (e.g. the middle stage of 3 stages
-  with factors [2, 4]). ``from_flux``'s default (``new_stage_init="band_split"``, config ``band_split``) makes them
-  FLUX's own input projection and head split into Haar bands, so the converted model samples like FLUX; the earlier
-  inits keep their heads at zero (docs/flux_conversion.md has the measurements).
-  Examples: 2 stages, factor 2 -> stage_upsampling [2, 1], patch sizes [2, 2]; factor 4 (256 -> 1024 px, 32x32 ->
-  128x128 latents) -> [4, 1], [2, 2]; 3 stages [2, 2] -> [4, 1, 1], patch sizes [2, 1, 2].
-
-Why (bench/flux_conversion_proxy.py, a linear-Gaussian proxy: 1/f^2 spectrum, "FLUX" = the Bayes-optimal
-denoiser for i.i.d. noise; stage-0 prediction error / the Bayes-optimal one for the same input, sigma 0.1..0.9):
-factor 2: carrier 1.00-1.04x; the first implementation (stage 0 noised at its own resolution and nearest-upsampled
-into FLUX, noise constant over 2x2 blocks) 1.03-1.35x; at factor 4 carrier 1.01-1.09x, that one 1.05-3.11x.
-Presenting a natively noised stage 0 at a remapped FLUX time 2 sigma / (1 + sigma) with fresh within-block noise
-(issue option b) is also in distribution (1.00-1.08x) but makes the forward pass stochastic and needs a skip head;
-the carrier is the paper's formulation and needs neither. The carrier's full-resolution training loss also holds
-the within-block part (FLUX predicts fine detail inside the blocks that the block-constant carrier does not have:
-that loss is 3.8x its optimum at sigma 0.1 at factor 2, 14.8x at factor 4, falling to ~1.0x at sigma 0.9), which
-finetuning learns; it never reaches the image.
-The first implementation stays available as ``stage_upsampling=[1, 1]`` (factor 2 only), for comparisons.
+Stage 0 is carried at the finest resolution (its band nearest-upsampled by the total factor F, i.i.d. noise drawn
+there), so FLUX's own packing, x_embedder and proj_out apply verbatim and stage 0 alone is exactly FLUX. Later stages
+are carried at their own resolution where a patch 2 * H_s / H_finest is an integer, else at half the finest resolution
+with patch 1 (2 stages, factor 2: stage_upsampling [2, 1], patch sizes [2, 2]; factor 4: [4, 1], [2, 2]; 3 stages
+[2, 2]: [4, 1, 1], [2, 1, 2]). ``band_split`` (from_flux's default) makes FLUX read the Haar recomposition of the noisy
+stages and gives every later stage FLUX's head projected onto its band. docs/flux_conversion.md explains both, with
+the measurements.
 
 The coarse phase on the coarse grid (``coarse_phase_on_coarse_grid``, off by default; docs/coarse_grid.md)
 -------------------------------------------------------------------------------------------------------------

@@ -413,28 +413,19 @@ class DFMPipeline(DFMStagewiseMixin, DFMHubMixin, DFMLoraExportMixin, FluxPipeli
             height, width, device, total_batch,
         )
         num_stages = len(latents)
-        image_seq_len = (latents[-1].shape[-2] // 2) * (latents[-1].shape[-1] // 2)
         config = self.scheduler.config
-        mu = calculate_shift(
-            image_seq_len,
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        )
+
+        def flux_mu(latent):  # FLUX's mu for the token count of a latent (2x2 packing)
+            seq_len = (latent.shape[-2] // 2) * (latent.shape[-1] // 2)
+            return calculate_shift(
+                seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5), config.get("max_shift", 1.15),
+            )
+
+        mu = flux_mu(latents[-1])
         coarse = {}
         if self.coarse_phase_on_coarse_grid:  # phase 0: FLUX at the band's resolution, with its mu
-            coarse_seq_len = (latents[0].shape[-2] // 2) * (latents[0].shape[-1] // 2)
-            coarse = dict(
-                coarse_phase_factor=self.decomposition.upsampling[0],
-                coarse_mu=calculate_shift(
-                    coarse_seq_len,
-                    config.get("base_image_seq_len", 256),
-                    config.get("max_image_seq_len", 4096),
-                    config.get("base_shift", 0.5),
-                    config.get("max_shift", 1.15),
-                ),
-            )
+            coarse = dict(coarse_phase_factor=self.decomposition.upsampling[0], coarse_mu=flux_mu(latents[0]))
         self.scheduler.set_timesteps(
             steps_per_stage, device=device, mu=mu, stage_thresholds=stage_thresholds, **coarse
         )

@@ -220,7 +220,7 @@ def test_classifier_save_load_round_trip_and_refusals(tiny_classifier_dir):
     record = json.loads((path / "classifier.json").read_text())
     assert record["test_accuracy"] == 0.5 and record["training"]["steps"] == TINY_CLASSIFIER.steps
     assert record["model_config"]["widths"] == [8, 16]
-    with pytest.raises(ValueError, match="test accuracy 0.5000 < 0.9"):
+    with pytest.raises(ValueError, match="test accuracy 0.5000 < 0.9: .*--min-classifier-accuracy"):
         load_feature_classifier(path, min_test_accuracy=0.9)
     bad = path.parent / "no_accuracy"
     save_feature_classifier(model, bad, test_accuracy=0.5)

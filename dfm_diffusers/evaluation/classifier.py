@@ -149,9 +149,10 @@ def train_feature_classifier(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def lr_factor(step):
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        warmup = min(config.warmup_steps, config.steps // 10)  # a short run is not all warm-up
+        if step < warmup:
+            return (step + 1) / warmup
+        progress_ = (step - warmup) / max(1, config.steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -238,7 +239,10 @@ def load_feature_classifier(
     if not isinstance(accuracy, (int, float)):
         raise ValueError(f"{config_path} records no test_accuracy: retrain it with `train-classifier`")
     if min_test_accuracy is not None and accuracy < min_test_accuracy:
-        raise ValueError(f"feature classifier {path} has test accuracy {accuracy:.4f} < {min_test_accuracy}")
+        raise ValueError(
+            f"feature classifier {path} has test accuracy {accuracy:.4f} < {min_test_accuracy}: retrain it longer "
+            f"(train-classifier --steps), or accept it with a lower threshold (score --min-classifier-accuracy)"
+        )
     model = FeatureClassifier(**record["model_config"])
     model.load_state_dict(load_file(weights_path))
     model.record = record

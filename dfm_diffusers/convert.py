@@ -33,6 +33,9 @@ def main(argv=None):
     parser.add_argument("--stage-thresholds", type=float, nargs="+", default=None, help="sigmas (1 - the paper's tau)")
     parser.add_argument("--new-stage-init", choices=["x_embedder", "zero"], default="x_embedder",
                         help="input projection of stages >= 1 (heads start at zero either way)")
+    parser.add_argument("--coarse-phase-on-coarse-grid", action="store_true",
+                        help="phase 0 as FLUX on stage 0's band at its own resolution (1/F^2 of the tokens, faster "
+                             "sampling; docs/coarse_grid.md)")
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
@@ -47,6 +50,7 @@ def main(argv=None):
         steps_per_stage=args.steps_per_stage,
         stage_thresholds=args.stage_thresholds,
         new_stage_init=args.new_stage_init,
+        coarse_phase_on_coarse_grid=args.coarse_phase_on_coarse_grid,
     )
     pipe.save_pretrained(args.output)
     print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")

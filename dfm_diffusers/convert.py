@@ -58,6 +58,9 @@ def main_flux(argv):
                         help="how stages >= 1 start: band_split (default: the converted model samples like FLUX; "
                         "Haar pyramid, FLUX's input projection and head split into bands), x_embedder or zero "
                         "(their heads start at zero: the detail band keeps its noise)")
+    parser.add_argument("--coarse-phase-on-coarse-grid", action="store_true",
+                        help="phase 0 as FLUX on stage 0's band at its own resolution (1/F^2 of the tokens, faster "
+                             "sampling; docs/coarse_grid.md)")
     parser.add_argument("--torch-dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID")
@@ -75,6 +78,7 @@ def main_flux(argv):
         steps_per_stage=args.steps_per_stage,
         stage_thresholds=args.stage_thresholds,
         new_stage_init=args.new_stage_init,
+        coarse_phase_on_coarse_grid=args.coarse_phase_on_coarse_grid,
     )
     pipe.save_pretrained(args.output, self_contained=args.self_contained)
     print(f"wrote DFMPipeline ({args.num_stages} stages) to {args.output}")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_2d_sincos_pos_embed_from_grid
+from test_transformer_dfm_dit import randomize
 
 from dfm_diffusers.models import DFMDiTTransformer2DModel
 from dfm_diffusers.models.stage_layers import patchify, unpatchify
@@ -16,14 +17,6 @@ TINY_DIT = dict(
     sample_size=16, in_channels=3, num_layers=2, num_attention_heads=2, attention_head_dim=16, num_classes=10,
     patch_size=2, num_stages=2, stage_factors=2,
 )
-
-
-def randomize(model, seed=0, std=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-    return model
 
 
 def make_dit(seed=0, **overrides):

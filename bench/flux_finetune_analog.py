@@ -221,9 +221,9 @@ def make_loss_fn(config: AnalogConfig, text: TextBank, decomposition):
     return loss_fn
 
 
-def make_pipeline(model, steps: int, threshold: float, shift: float = 1.0):
+def make_pipeline(model, steps: int, threshold: float, shift: float = 1.0, split=None):
     num_stages = model.config.num_stages
-    split = [steps] if num_stages == 1 else [steps - steps // 4, steps // 4]
+    split = split or ([steps] if num_stages == 1 else [steps - steps // 4, steps // 4])
     scheduler = DFMScheduler(num_stages=num_stages, steps_per_stage=split,
                              stage_thresholds=[threshold] * (num_stages - 1), shift=shift)
     pipe = DFMPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -234,9 +234,9 @@ def make_pipeline(model, steps: int, threshold: float, shift: float = 1.0):
 
 @torch.no_grad()
 def generate(model, text: TextBank, space: LatentSpace, labels, args, seed: int, previews: bool = False,
-             shift: float = 1.0):
+             shift: float = 1.0, threshold: float | None = None, split=None):
     """Images [N, 1, 32, 32] for class ``labels`` (true CFG against the empty prompt, guidance input 1)."""
-    pipe = make_pipeline(model, args.steps, args.threshold, shift)
+    pipe = make_pipeline(model, args.steps, args.threshold if threshold is None else threshold, shift, split)
     images, stage_previews = [], None
     g = torch.Generator(device=labels.device).manual_seed(seed)
     for chunk in labels.split(args.sample_batch):
@@ -336,6 +336,14 @@ def main(argv=None):
     parser.add_argument("--classifier-steps", type=int, default=2000)
     parser.add_argument("--mixed-precision", default="bf16" if torch.cuda.is_available() else "no")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--step0-sweep", action="store_true",
+                        help="after pretraining: FD on A of the band-split conversion at step 0 for every sampler "
+                             "setting of --sweep-thresholds x --sweep-splits x --sweep-flux-timesteps (why the converted "
+                             "model's samples differ from the pretrained one's), to step0_sweep.jsonl; then stop")
+    parser.add_argument("--sweep-thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.4, 0.7])
+    parser.add_argument("--sweep-splits", nargs="+", default=["30,10", "20,20"], help="steps per stage, e.g. 30,10")
+    parser.add_argument("--sweep-flux-timesteps", nargs="+", default=["noise_rms"],
+                        choices=["noise_rms", "newest", "stage_0"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the whole path in minutes on a CPU")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -379,7 +387,7 @@ def main(argv=None):
 
     # 2) step-0 replication of the pretrained model's low-resolution predictions
     replication_path = os.path.join(args.out, "replication.json")
-    if not os.path.isfile(replication_path):
+    if not os.path.isfile(replication_path) and not args.step0_sweep:
         sigmas = [0.1, 0.3, 0.5, 0.7, 0.9]
         report = {}
         for name in ("dfm_old", "dfm_new", "dfm_coarse"):
@@ -390,8 +398,10 @@ def main(argv=None):
             }
         with open(replication_path, "w") as f:
             json.dump(report, f, indent=2)
-    with open(replication_path) as f:
-        replication_report = json.load(f)
+    replication_report = {}
+    if os.path.isfile(replication_path):
+        with open(replication_path) as f:
+            replication_report = json.load(f)
 
     # 3) a feature classifier on all 10 classes; the pretrained model's own quality on A
     classifier_path = os.path.join(args.out, "classifier.pt")
@@ -404,6 +414,9 @@ def main(argv=None):
         classifier.to(device)
     real_features = extract_features(classifier, x_b_test.to(device))
     real_features_a = extract_features(classifier, x_a_test.to(device))
+    if args.step0_sweep:
+        step0_sweep(flux, classifier, real_features_a, text, space, args, device)
+        return
     quality_path = os.path.join(args.out, "pretrained_quality.json")
     if not os.path.isfile(quality_path):
         n = min(args.num_samples, len(x_a_test))
@@ -502,6 +515,36 @@ def main(argv=None):
     # 4) summary
     if not args.no_summary:
         summarize(args, replication_report)
+
+
+def step0_sweep(flux, classifier, reference, text, space, args, device):
+    """FD on A at step 0: the pretrained model (FM, --steps) and the band-split conversion under each sampler setting;
+    one JSON line per setting to <out>/step0_sweep.jsonl as soon as it is scored (resumable)."""
+    path = os.path.join(args.out, "step0_sweep.jsonl")
+    done = set()
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = {(r["model"], r["flux_timestep"], r["threshold"], tuple(r["split"])) for r in map(json.loads, f)}
+    labels = torch.tensor(CLASSES_A, device=device).repeat_interleave(args.num_samples // len(CLASSES_A))
+    settings = [("flux", "-", 0.0, (args.steps,))] + [
+        ("dfm_band", mode, threshold, tuple(int(k) for k in split.split(",")))
+        for mode in args.sweep_flux_timesteps for split in args.sweep_splits for threshold in args.sweep_thresholds]
+    for name, mode, threshold, split in settings:
+        if (name, mode, threshold, split) in done:
+            continue
+        if name == "flux":
+            model = DFMTransformer2DModel.from_flux(flux, num_stages=1, torch_dtype=torch.float32)
+        else:
+            model = DFMTransformer2DModel.from_flux(flux, num_stages=2, flux_timestep=mode, torch_dtype=torch.float32)
+        samples, _ = generate(model.to(device).eval(), text, space, labels, args, seed=999, threshold=threshold,
+                              split=list(split))
+        features = extract_features(classifier, samples.to(device))
+        row = dict(model=name, flux_timestep=mode, threshold=threshold, split=list(split),
+                   fd_A=frechet_distance(features, reference), **precision_recall(reference.to(features), features),
+                   num_samples=len(labels))
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(row, flush=True)
 
 
 def _mean_std(values):

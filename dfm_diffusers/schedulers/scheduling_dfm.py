@@ -3,41 +3,13 @@
 Phase i runs ``steps_per_stage[i]`` Euler steps. In it the newest stage i goes linearly from sigma 1 to
 e_i (e_i = stage_thresholds[i], the sigma at which stage i+1 starts; 0 for the last phase), stages s > i stay
 at sigma 1 and are masked, and every earlier stage j follows sigma_j = a_j * sigma_i, a_j being stage j's
-sigma when phase i began. So all trajectories are monotone and all stages reach 0 together. With one stage
-the table is FluxPipeline's linspace(1, 1/N, N) followed by 0.
+sigma when phase i began, so all stages reach 0 together. With one stage the table is FluxPipeline's
+linspace(1, 1/N, N) followed by 0.
 
-The optional time shift (static ``shift`` or FLUX's dynamic shifting with ``mu``) is a monotone map applied
-to every entry of the table. ``stage_thresholds`` are ACTUAL sigmas, after the shift: stage s starts when stage
-s-1's shifted sigma equals theta_s, i.e. the noise level the model sees is what the paper's tau = 1 - theta means.
-So the table is built in unshifted space with the thresholds mapped back through the inverse shift
-(every shift here is sigma' = k / (k + 1/sigma - 1), k = shift, exp(mu) or mu, whose inverse is
-sigma = 1 / (1 + k (1/sigma' - 1))), then shifted. Without it, FLUX's 1024px mu = 1.15 would move the paper's
-sigma 0.05 (tau 0.95) to an actual 0.14, and 0.1 to 0.26.
-
-Which shift each stage gets. One mu (the pipelines compute it from the transformer's token count, the same for
-every stage) shifts the whole table. For the FLUX-DFM model this is the in-distribution choice: its stage 0 is
-carried at the finest resolution with i.i.d. noise there (DFMTransformer2DModel, paper appendix E), so at a given
-sigma FLUX sees exactly the input statistics -- token count, per-token noise, and noise on the coarse content
-(std sigma / f after the f x f block mean) -- of its own full-resolution training at that sigma, for which FLUX's
-mu(image_seq_len) was calibrated. A mu from stage 0's own band size (1/f^2 of the tokens, mu 0.63 instead of 1.15
-at 1024px with f = 2) would fit a model that sees stage 0 at its own resolution with noise drawn there, whose
-coarse content is f times noisier at the same sigma; it does not fit FLUX's carried stage 0, so it is not offered.
-In numbers: the carrier's block means see noise sigma / f against signal 1 - sigma, i.e. the band itself sits at
-sigma_band = sigma / (f - (f - 1) sigma), the inverse of a static shift by f (0.026 at the paper's 0.05, f = 2);
-a natively noised stage 0 would need that shift on top of the table's to reach FLUX's inputs (issue option b's
-remap 2 sigma / (1 + sigma)).
-The coarse phase on the coarse grid (``set_timesteps(coarse_phase_factor=F, coarse_mu=...)``, used by DFMPipeline
-for a model with ``coarse_phase_on_coarse_grid``): phase 0 runs on stage 0's band at its own resolution, noised
-there (FLUX at 1/F of the resolution), so column 0 of phase 0 holds the band's own sigma sigma_c, shifted with
-FLUX's mu for the band's token count (``coarse_mu``), from 1 to sigma_c_end = theta / (F - (F - 1) theta), the sigma
-at which the band's signal-to-noise ratio equals the carrier's at the threshold theta. The last step of phase 0
-lands there and moves the state to the carrier (:meth:`DFMScheduler.coarse_to_carrier`): nearest-upsampled by F,
-scaled by a = 1 / (1 + (F - 1) sigma_c), plus fresh within-block noise of std sigma (zero block means), which is
-exactly the carrier at sigma = F sigma_c / (1 + (F - 1) sigma_c) = theta that training noises. Phases >= 1 are
-unchanged. docs/coarse_grid.md derives it.
-Measured (RESULTS.md, FLUX finetuning analog, step 1000, static shift 0.5 / 1 / 2 on the whole table): plain FLUX
-finetuning is flat (FD 0.93 / 0.98 / 0.97), the DFM model improves with more shift (3.96 / 3.22 / 2.91): a smaller
-shift for the coarse stage is not supported by the data.
+The time shift (static ``shift`` or FLUX's dynamic ``mu``) is applied to every entry of the table, and
+``stage_thresholds`` are actual sigmas after the shift. With ``coarse_phase_factor`` phase 0 runs on stage 0's
+band at its own resolution and :meth:`DFMScheduler.coarse_to_carrier` moves it to the carrier at the threshold.
+Why one mu for the whole table, and the coarse phase's derivation: docs/sampling.md and docs/coarse_grid.md.
 """
 
 from __future__ import annotations

@@ -131,6 +131,16 @@ def _relax(parser: argparse.ArgumentParser) -> None:
                 _relax(action.choices[sub])
 
 
+def _no_abbreviations(parser: argparse.ArgumentParser) -> None:
+    """The docs spell every flag in full (argparse would otherwise accept a prefix of a renamed flag)."""
+    parser.allow_abbrev = False
+    for action in parser._actions:
+        if isinstance(action.choices, dict):
+            for sub in action.choices.values():
+                if isinstance(sub, argparse.ArgumentParser):
+                    _no_abbreviations(sub)
+
+
 @contextlib.contextmanager
 def _stop_after_parsing(module, partial: bool):
     """While active, the first top-level ``parse_args`` / ``parse_known_args`` (and the module's ``parse_cli``)
@@ -145,6 +155,7 @@ def _stop_after_parsing(module, partial: bool):
                 return originals[name](self, args, namespace)
             if partial:
                 _relax(self)
+            _no_abbreviations(self)
             depth[0] += 1
             try:
                 result = originals[name](self, args, namespace)

@@ -39,6 +39,7 @@ COMMAND_START = re.compile(r"^(\$ )?(python3?|accelerate|make|pip|hf|huggingface
 NOT_CHECKED = {
     "hf download": "the Hugging Face Hub CLI downloading a published checkpoint: third-party, needs the network",
     "pip install torch": "installs PyTorch itself, not the project (the build is the user's choice)",
+    "pip install lpips": "the optional perceptual-loss package on its own (setup.py's extra `lpips` pins it)",
 }
 
 
@@ -70,10 +71,10 @@ def _fenced_commands(path: pathlib.Path):
 
 
 def _inline_commands(path: pathlib.Path):
-    """(line number, command) for inline code spans that are a ``python`` or ``accelerate launch`` command."""
+    """(line number, command) for inline code spans that are a command (python, accelerate launch, make, pip)."""
     text = path.read_text(encoding="utf-8")
     text = re.sub(r"(?ms)^\s*(```+|~~~+).*?^\s*\1", lambda m: "\n" * m.group(0).count("\n"), text)  # drop fences
-    for m in re.finditer(r"(?<!`)`((?:python3?|accelerate launch) [^`\n]+)`(?!`)", text):
+    for m in re.finditer(r"(?<!`)`((?:python3?|accelerate launch|make|pip install) [^`\n]+)`(?!`)", text):
         yield text.count("\n", 0, m.start()) + 1, m.group(1)
 
 
@@ -89,12 +90,24 @@ def _commands():
 COMMANDS = _commands()
 
 
-def _expand(command: str) -> tuple[list[list[str]], bool]:
-    """The command's variants (words, placeholders resolved) and whether the docs elide part of it.
+def _split(command: str) -> list[list[str]]:
+    """The words of each command of a line (``a; b`` and ``a && b`` are two), comments dropped."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&")
+    lexer.whitespace_split = True
+    commands = [[]]
+    for word in lexer:
+        if word in (";", "&&"):
+            commands.append([])
+        else:
+            commands[-1].append(word)
+    return [c for c in commands if c]
 
-    ``[--flag value]`` is unwrapped (checked as if given); ``...`` after a flag is a placeholder value; any other
-    ``...`` is dropped and marks the command as elided; ``a|b`` and ``{a,b}`` give one variant per choice."""
-    words = shlex.split(re.sub(r"(?<![\w'\"])\[(--[^\]\[]*)\]", r"\1", command), comments=True)
+
+def _expand(words: list[str]) -> tuple[list[list[str]], bool]:
+    """The command's variants (placeholders resolved) and whether the docs elide part of it.
+
+    ``...`` after a flag is a placeholder value; any other ``...`` is dropped and marks the command as elided;
+    ``a|b`` and ``{a,b}`` give one variant per choice."""
     elided, kept = False, []
     for w in words:
         if w == "..." and not (kept and kept[-1].startswith("--")):
@@ -283,30 +296,34 @@ def _makefile_targets() -> set[str]:
     return {m.group(1) for m in re.finditer(r"^([\w.-]+)\s*:(?!=)", text, re.M)}
 
 
-def _setup_extras() -> set[str]:
+def _setup_keyword(name: str):
+    """The literal value of one keyword of setup.py's ``setup(...)`` call."""
     tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.keyword) and node.arg == "extras_require":
-            assert isinstance(node.value, ast.Dict), "extras_require is expected to be a dict literal"
-            return {ast.literal_eval(k) for k in node.value.keys}
-    return set()
+        if isinstance(node, ast.keyword) and node.arg == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py's setup() has no {name}=")
 
 
 def _check_pip(args: list[str]) -> None:
     assert args[0] == "install", f"only `pip install` is checked, got pip {args[0]}"
     targets = [a for a in args[1:] if not a.startswith("-")]
+    project = re.escape(_setup_keyword("name"))
     for target in targets:
-        m = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", target)
+        m = re.fullmatch(rf"(?:\.|{project})(?:\[([\w,-]+)\])?", target)
         assert m, f"pip install {target}: not the project; list it in NOT_CHECKED with a reason"
-        assert (ROOT / "setup.py").is_file()
-        missing = set((m.group(1) or "").split(",")) - {""} - _setup_extras()
+        missing = set((m.group(1) or "").split(",")) - {""} - set(_setup_keyword("extras_require"))
         assert not missing, f"setup.py has no extras {sorted(missing)}"
 
 
 @pytest.mark.parametrize("command,inline", COMMANDS)
 def test_documented_command(command, inline, capsys):
-    variants, elided = _expand(command)
-    partial = inline or elided
+    unwrapped = re.sub(r"(?<![\w'\"])\[(--[^\]\[]*)\]", r"\1", command)  # [--flag value]: checked as if given
+    variants, partial = [], inline
+    for words in _split(unwrapped):
+        expanded, elided = _expand(words)
+        variants += expanded
+        partial = partial or elided
     for words in variants:
         if any(" ".join(words).startswith(prefix) for prefix in NOT_CHECKED):
             continue
@@ -315,7 +332,7 @@ def test_documented_command(command, inline, capsys):
         elif words[0] == "accelerate":
             _check_accelerate(words[1:], capsys, partial)
         elif words[0] == "make":
-            missing = set(words[1:]) - _makefile_targets()
+            missing = {w for w in words[1:] if "=" not in w} - _makefile_targets()  # (VAR=value: a variable)
             assert not missing, f"the Makefile has no targets {sorted(missing)}"
         elif words[0] == "pip":
             _check_pip(words[1:])
@@ -332,7 +349,7 @@ def test_commands_were_found():
 
 
 def test_a_stale_command_fails(capsys):
-    """The check can fail: an unknown flag, a missing script and a missing Makefile target are caught."""
+    """The check can fail: an unknown flag or setting, a missing script, extra or Makefile target are caught."""
     with pytest.raises(AssertionError):
         _check_python(["examples/generate_dit.py", "pipe", "--no-such-flag"], capsys)
     with pytest.raises(AssertionError):
@@ -341,5 +358,8 @@ def test_a_stale_command_fails(capsys):
         _check_accelerate(["launch", "train_dfm_dit.py", "--no_such_key", "1"], capsys)
     with pytest.raises(AssertionError, match="unrecognized arguments"):  # quoted in part: still no unknown flags
         _check_python(["-m", "dfm_diffusers.convert", "dit", "--no-such-flag", "x"], capsys, partial=True)
+    with pytest.raises(AssertionError, match="no extras"):
+        _check_pip(["install", "-e", ".[no-such-extra]"])
+    _check_pip(["install", "-e", ".[test]"])
     with pytest.raises(AssertionError, match="no targets"):
         test_documented_command("make no-such-target", False, capsys)

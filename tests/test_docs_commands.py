@@ -1,8 +1,8 @@
 """Every command in README.md and docs/*.md is checked against the repository, so the docs cannot go stale silently.
 
-Commands come from fenced code blocks (bash / sh / shell / console, or unlabelled blocks whose lines start with a
-command) and from inline code spans that start with ``python`` or ``accelerate launch``. Each one is checked
-in-process, without running it:
+Commands come from fenced code blocks (every line of a bash / sh / shell / console block; the lines of an unlabelled
+block that start with python, accelerate, make, pip or hf) and from inline code spans that start with ``python``,
+``accelerate launch``, ``make`` or ``pip install``. Each one is checked in-process, without running anything:
 
 - ``python path/to/script.py ...`` / ``python -m module ...`` / ``accelerate launch [opts] script.py|-m module ...``:
   the script or module exists in the repository and its arguments parse with that command's own parser (argparse, or
@@ -12,8 +12,9 @@ in-process, without running it:
 - ``make X``: the Makefile has target X; ``pip install`` of the project: setup.py is there and every extra exists.
 
 Anything else must be listed in :data:`NOT_CHECKED` with the reason, or the test fails.
-Placeholders as the docs write them are accepted: ``[--flag value]`` (checked as if given), ``a|b|c`` (each checked),
-a bare ``...`` (left out).
+Placeholders as the docs write them are accepted: ``[--flag value]`` (checked as if given), ``a|b|c`` and ``{a,b}``
+(each checked), ``--flag ...`` (a placeholder value). A command quoted in part (inline, or with a bare ``...``) may
+leave out required arguments, but every flag it names must exist.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ def _fenced_commands(path: pathlib.Path):
         if lang not in SHELL_LANGS and lang != "":
             continue
         if not pending:
-            if not COMMAND_START.match(stripped):
+            if not stripped or stripped.startswith("#") or (lang == "" and not COMMAND_START.match(stripped)):
+                continue
+            if lang == "console" and not stripped.startswith("$ "):  # a console block's output lines
                 continue
             start = number
         if stripped.endswith("\\"):

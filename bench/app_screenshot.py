@@ -22,9 +22,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import use_test_harness  # noqa: E402
+
+use_test_harness()
 
 
 def webdriver(base: str, method: str, path: str, payload: dict | None = None):

@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -42,8 +41,11 @@ from diffusers.hooks import (  # noqa: E402
 )
 from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS  # noqa: E402
 
-from bench.bench_pipeline import FLUX_SCHEDULER, FLUX_VAE, SMALL_VAE, sync  # noqa: E402
+from bench.bench_pipeline import FLUX_SCHEDULER, FLUX_VAE, SMALL_VAE  # noqa: E402
 from bench.bench_transformer import FLUX_DEV, SMALL, build_flux  # noqa: E402
+from bench.common import (  # noqa: E402
+    append_jsonl, device_and_dtype, device_name, done_keys, read_jsonl, repeat_timed, versions,
+)
 from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
 
@@ -92,15 +94,11 @@ def main(argv=None):
     parser.add_argument("--steps-per-stage", type=int, nargs=2, default=[30, 10])
     parser.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype(args.device)
     configure_attention_backends()
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "cache_results.jsonl")
-    done = set()
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            done = {(row["cache"], row["pipeline"]) for row in map(json.loads, f) if row}
+    done = done_keys(results_path, lambda row: (row["cache"], row["pipeline"]))
 
     tcfg, vcfg = (SMALL, SMALL_VAE) if args.small else (FLUX_DEV, FLUX_VAE)
     res = args.resolution or (64 if args.small else 1024)
@@ -130,13 +128,6 @@ def main(argv=None):
     call = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, height=res, width=res, output_type="pt",
                 num_inference_steps=sum(steps))
 
-    def run(pipe):
-        sync(device)
-        t0 = time.perf_counter()
-        out = pipe(generator=torch.Generator(device).manual_seed(1), **call).images
-        sync(device)
-        return time.perf_counter() - t0, out
-
     references = {}
     for cache in ["none"] + [c for c in args.caches if c != "none"]:
         for name, pipe in pipes.items():
@@ -145,11 +136,9 @@ def main(argv=None):
             if cache != "none":
                 pipe.transformer.enable_cache(cache_config(cache, pipe, sum(steps)))
             try:
-                run(pipe)  # warm-up
-                times, image = [], None
-                for _ in range(args.repeats):
-                    seconds, image = run(pipe)
-                    times.append(seconds)
+                times, image = repeat_timed(  # one warm-up, then --repeats timed images
+                    lambda: pipe(generator=torch.Generator(device).manual_seed(1), **call).images, device,
+                    args.repeats, warmup=1)
             finally:
                 if cache != "none":
                     pipe.transformer.disable_cache()
@@ -157,17 +146,14 @@ def main(argv=None):
                 references[name] = image
             row = {"cache": cache, "pipeline": name, "seconds_per_image": round(statistics.median(times), 4),
                    "all_runs": [round(t, 4) for t in times], **drift(image, references[name]),
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                   "torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                   "device": device_name(device, platform.processor()), **versions(),
                    "resolution": res, "steps": steps if name == "dfm" else sum(steps)}
             if (cache, name) not in done:
-                with open(results_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_jsonl(results_path, row)
                 done.add((cache, name))
             print(json.dumps(row), flush=True)
 
-    with open(results_path) as f:
-        rows = {(r["cache"], r["pipeline"]): r for r in map(json.loads, f)}
+    rows = {(r["cache"], r["pipeline"]): r for r in read_jsonl(results_path)}
     print("| cache | FLUX s / image | speed-up | PSNR vs uncached | DFM s / image | speed-up | PSNR vs uncached |")
     print("|---|---|---|---|---|---|---|")
     for cache in CACHES:

@@ -44,8 +44,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import device_name, git_commit, now, sync, versions, write_json  # noqa: E402
 
 PEAK_TFLOPS = 989.0
 TINY = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16)
@@ -128,11 +129,6 @@ def latent_dir(out: str, count: int, shape, resolution: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ one arm
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def dit_config(args, arm: str, output_dir: str):
@@ -329,18 +325,9 @@ def run_arm(args, suite: str, arm: str) -> dict:
     else:
         out = run_trainer(args, arm)
     device = torch.device(args.device)
-    out.update(arm=arm, suite=suite, small=args.small, torch=torch.__version__,
-               diffusers=__import__("diffusers").__version__, commit=git_commit(),
-               date=time.strftime("%Y-%m-%d %H:%M"),
-               device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)")
+    out.update(arm=arm, suite=suite, small=args.small, **versions(), commit=git_commit(), date=now(),
+               device=device_name(device, f"cpu ({os.cpu_count()} cores)"))
     return out
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except Exception:  # noqa: BLE001 - not a checkout
-        return "unknown"
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -391,10 +378,7 @@ def main(argv=None):
     if args.arm:
         (suite,) = suites
         result = run_arm(args, suite, args.arm)
-        path = os.path.join(args.out, suite, f"{args.arm}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(args.out, suite, f"{args.arm}.json"), result)
         return
     from dfm_diffusers.utils import configure_attention_backends
 

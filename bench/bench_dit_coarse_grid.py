@@ -15,17 +15,16 @@ forward at the same batch with stage 0 alone active (FM: its only stage), i.e. o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import device_name, timed_call, versions, write_json  # noqa: E402
 from dfm_diffusers import DFMDiTTransformer2DModel, LaplacianDecomposition  # noqa: E402
 from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
@@ -109,13 +108,7 @@ def main(argv=None):
         flops[name] = counter.get_total_flops()
 
     def timed(name):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        steps[name][0](x, labels)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_call(lambda: steps[name][0](x, labels), device)[0]
 
     for _ in range(args.warmup):
         for name in names:
@@ -133,14 +126,10 @@ def main(argv=None):
         sigmas = torch.rand(x.shape[0], len(bands), device=device)
         ones = torch.ones(x.shape[0], dtype=torch.long, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(bands, timestep=sigmas, num_active_stages=ones, class_labels=labels)
-            if cuda:
-                torch.cuda.synchronize()
+            seconds, _ = timed_call(lambda: model(bands, timestep=sigmas, num_active_stages=ones, class_labels=labels),
+                                    device)
         model.train()
-        return time.perf_counter() - t0
+        return seconds
 
     for _ in range(args.warmup):
         for name in names:
@@ -162,9 +151,8 @@ def main(argv=None):
         }
     fm, dfm, coarse = names
     result = {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__,
-        "diffusers": __import__("diffusers").__version__,
+        "device": device_name(device),
+        **versions(),
         "latent_shape": [channels, size, size],
         "batch": batch,
         "rows": rows,
@@ -176,8 +164,7 @@ def main(argv=None):
         "all_forward_runs": fwd,
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "dit_results.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(args.out, "dit_results.json"), result)
     print(f"batch {batch}, latents {channels}x{size}x{size}")
     print("| model | params (M) | s / iter | images / s | TFLOP / iter | MFU | phase-0 forward s |\n"
           "|---|---|---|---|---|---|---|")

@@ -35,15 +35,15 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import device_and_dtype, repeat_timed, timed_call, use_test_harness, write_json  # noqa: E402
 from bench_transformer import FLUX_DEV, SMALL, build_flux, random_init_  # noqa: E402
+
+use_test_harness()
 
 FLUX_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=[128, 256, 512, 512],
                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -111,9 +111,8 @@ def run_mode(args, mode: str) -> dict:
 
     settings = dict(MODES[mode])
     num_stages = settings.pop("num_stages")
-    device = torch.device(args.device)
+    device, dtype = device_and_dtype(args.device)
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
     configure_attention_backends()
     tcfg = SMALL if args.small else FLUX_DEV
     res = args.resolution
@@ -157,26 +156,13 @@ def run_mode(args, mode: str) -> dict:
     task = FluxTask(config, pipe)
     dataset = build_flux_dataset(config)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     if need_text:  # the cache build, timed, and the per-step encoding it saves
         pixels = torch.stack([dataset[i]["pixel_values"] for i in range(args.batch)]).to(device)
         captions = [dataset[i]["captions"] for i in range(args.batch)]
-        for _ in range(2):  # warm-up, then timed
-            sync()
-            t0 = time.perf_counter()
-            task.encode_images(pixels)
-            task.encode_text(captions, device)
-            sync()
-            saved = time.perf_counter() - t0
+        (saved,), _ = repeat_timed(lambda: (task.encode_images(pixels), task.encode_text(captions, device)), device,
+                                   repeats=1, warmup=1)
         result["uncached_encode_s_per_step"] = saved
-        sync()
-        t0 = time.perf_counter()
-        dataset = build_flux_cache(task, dataset)
-        sync()
-        elapsed = time.perf_counter() - t0
+        elapsed, dataset = timed_call(lambda: build_flux_cache(task, dataset), device)
         result.update(cache_images=args.images, cache_build_s=elapsed, cache_images_per_s=args.images / elapsed)
         open(os.path.join(args.out, "cache", "complete"), "w").close()
         task.pipe.text_encoder = task.pipe.text_encoder_2 = None
@@ -216,14 +202,7 @@ def run_mode(args, mode: str) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     PHASE[0] = "bare step"
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
-        bare_step()
-        sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+    times, _ = repeat_timed(bare_step, device, args.steps, warmup=args.warmup)
     result["bare_step_s"] = statistics.median(times)
     result["bare_step_runs"] = times
     if cuda:
@@ -286,10 +265,7 @@ def main(argv=None):
         except torch.OutOfMemoryError as err:  # recorded: the batch does not fit
             result = dict(mode=mode, batch=args.batch, gradient_checkpointing=args.checkpointing == "on", oom=True,
                           where=PHASE[0], error=str(err)[:400])
-        path = os.path.join(args.out, arm_name(mode, args.batch, args.checkpointing) + ".json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(args.out, arm_name(mode, args.batch, args.checkpointing) + ".json"), result)
         return
     rows = []
     checkpointing = ["on", "off"] if args.checkpointing == "both" else [args.checkpointing]

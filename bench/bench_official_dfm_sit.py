@@ -22,30 +22,14 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import append_jsonl, device_name, done_keys, repeat_timed  # noqa: E402
 from dfm_diffusers import convert_official_checkpoint  # noqa: E402
 from dfm_diffusers.decomposition import LaplacianDecomposition  # noqa: E402
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return out, times
 
 
 def main(argv=None):
@@ -68,10 +52,7 @@ def main(argv=None):
     from dfm_utils.samplers_dfm import dfm_euler_sampler
     from models.sit_dfm import DFMSiT
 
-    done = set()
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            done = {json.loads(line)["arm"] for line in f if line.strip()}
+    done = done_keys(args.out, lambda row: row["arm"])
     size = dict(depth=2, hidden_size=256, decoder_hidden_size=256, num_heads=4) if args.small else dict(
         depth=28, hidden_size=1152, decoder_hidden_size=1152, num_heads=16)
     latent = 16 if args.small else 64
@@ -112,21 +93,19 @@ def main(argv=None):
     arms = {"official_fused_attn": lambda: official(True), "official_unfused_attn": lambda: official(False),
             "dfm_diffusers": ours}
     reference = None
-    base = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", batch=args.batch,
+    base = dict(device=device_name(device), batch=args.batch,
                 latent=latent, steps_per_stage=args.steps_per_stage, cfg=args.cfg, small=args.small,
                 torch=torch.__version__)
     for name, fn in arms.items():
         if name in done:
             continue
-        fn()  # warm-up
-        out, times = timed(fn, device, args.repeats)
+        times, out = repeat_timed(fn, device, args.repeats, warmup=1)
         if reference is None:
             reference = ours()
         row = dict(base, arm=name, median_s=statistics.median(times), times_s=times,
                    images_per_s=args.batch / statistics.median(times),
                    max_abs_diff_to_dfm_diffusers=float((out.float() - reference.float()).abs().max()))
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
         print(json.dumps(row), flush=True)
 
 

@@ -22,12 +22,9 @@ rewritten after every cell and finished cells are skipped on a re-run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
-import time
 
 import torch
 
@@ -36,6 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline  # noqa: E402
 
 from bench.bench_transformer import FLUX_DEV, SMALL, build_flux  # noqa: E402
+from bench.common import (  # noqa: E402
+    cpu_label, device_and_dtype, device_name, load_json, timed_call, versions, write_json,
+)
 from dfm_diffusers import DFMPipeline, DFMScheduler, DFMTransformer2DModel  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
 
@@ -52,11 +52,6 @@ FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_
 ARMS = {"flux": None, "dfm_f2": (2, False), "dfm_f4": (4, False), "dfm_coarse_f2": (2, True),
         "dfm_coarse_f4": (4, True)}
 TRUE_CFG_SCALE = 3.0
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def dfm_transformer(flux_t, factor: int, coarse: bool, device, dtype) -> DFMTransformer2DModel:
@@ -81,8 +76,7 @@ def main(argv=None):
     parser.add_argument("--cfg", nargs="+", default=["off", "on"], choices=["off", "on"],
                         help=f"true CFG off (1 evaluation per step) and/or on (scale {TRUE_CFG_SCALE}, 2 per step)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = device_and_dtype(args.device)
     configure_attention_backends()
     tcfg, vcfg = (SMALL, SMALL_VAE) if args.small else (FLUX_DEV, FLUX_VAE)
     res = args.resolution or (128 if args.small else 1024)
@@ -90,17 +84,14 @@ def main(argv=None):
     steps = list(args.steps_per_stage)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "pipeline_results.json")
-    results = json.load(open(path)) if os.path.exists(path) else {"cells": {}}
+    results = load_json(path, {"cells": {}})
     results.update(
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        torch=torch.__version__, diffusers=__import__("diffusers").__version__, resolution=res, small=args.small,
+        device=device_name(device, cpu_label()), **versions(), resolution=res, small=args.small,
         steps={"flux": sum(steps), "dfm": steps}, true_cfg_scale=TRUE_CFG_SCALE, repeats=args.repeats,
     )
 
     def save():
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(path, results)
 
     flux_t = build_flux(tcfg, device, dtype, seed=0)
     vae = AutoencoderKL(**vcfg).to(device=device, dtype=dtype).eval()
@@ -136,13 +127,13 @@ def main(argv=None):
             else:
                 call["steps_per_stage"] = steps
 
-            def run():
-                sync(device)
-                t0 = time.perf_counter()
+            def generate():
                 out = pipe(generator=torch.Generator(device).manual_seed(1), **call)
-                sync(device)
                 assert torch.isfinite(out.images).all()
-                return time.perf_counter() - t0
+                return out
+
+            def run():
+                return timed_call(generate, device)[0]
 
             run()  # warm-up
             times = [run() for _ in range(args.repeats)]

@@ -22,7 +22,6 @@ its band at its own resolution: 1/4 resp. 1/16 of the image tokens). Writes resu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from diffusers import FluxTransformer2DModel  # noqa: E402
 
+from bench.common import device_name, sync, write_json  # noqa: E402
 from dfm_diffusers import DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
 from dfm_diffusers.utils import configure_attention_backends  # noqa: E402
 
@@ -134,8 +134,7 @@ class Runner:
         self.cuda = device.type == "cuda"
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     def run(self, model, inputs, mode: str, all_params) -> tuple[float, int | None]:
         for p in all_params:
@@ -270,9 +269,7 @@ def main(argv=None):
         config=config,
         small=args.small,
         device=str(device),
-        device_name=(
-            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-        ),
+        device_name=device_name(device, platform.processor() or platform.machine()),
         dtype=args.dtype,
         resolution=resolution,
         latent=[config["in_channels"] // 4, latent, latent],
@@ -290,8 +287,7 @@ def main(argv=None):
         results=results,
     )
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(args.out, "results.json"), report)
 
     print(
         f"\n{report['device_name']} | {args.dtype} | {resolution}px: {report['image_tokens']} image + {text_len} text "

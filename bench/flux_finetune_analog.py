@@ -66,10 +66,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the offline tiny text encoders of the test harness
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import use_test_harness  # noqa: E402
+
+use_test_harness()  # the offline tiny text encoders of the test harness
 from conftest import make_tiny_flux_components, make_tiny_tokenizers  # noqa: E402
 from diffusers import FluxPipeline, FluxTransformer2DModel  # noqa: E402
 

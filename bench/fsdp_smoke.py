@@ -38,6 +38,7 @@ from accelerate import Accelerator, PartialState  # noqa: E402
 from accelerate.utils import parse_flag_from_env  # noqa: E402
 
 from bench.bench_transformer import FLUX_DEV, SMALL, build_flux  # noqa: E402
+from bench.common import timed_call  # noqa: E402
 from dfm_diffusers import DFMTransformer2DModel, LaplacianDecomposition  # noqa: E402
 from dfm_diffusers.training.loop import LoopConfig, run_training  # noqa: E402
 from dfm_diffusers.training.objective import DFMObjectiveConfig, dfm_objective  # noqa: E402
@@ -139,13 +140,8 @@ def main(argv=None):
 
     def timed(name, fn):
         def wrapper(self, *a, **k):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            tic = time.perf_counter()
-            result = fn(self, *a, **k)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - tic)
+            seconds, result = timed_call(lambda: fn(self, *a, **k), device)
+            times[name].append(seconds)
             return result
         return wrapper
 

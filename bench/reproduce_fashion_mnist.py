@@ -39,8 +39,9 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import ROOT  # noqa: E402
 
 ARMS = {
     "fm": dict(model="DiT-S/2", num_stages=1),

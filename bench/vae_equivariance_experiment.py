@@ -55,10 +55,10 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import reproduce_fashion_mnist as repro  # noqa: E402  (its arms, DiT command, sampling, metrics)
+from bench.common import ROOT  # noqa: E402
 
 VAE_CONFIG = dict(
     in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,

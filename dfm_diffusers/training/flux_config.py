@@ -30,7 +30,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     """All settings of train_dfm_flux.py (YAML keys / --overrides). The DFM training-distribution fields
     (stage_weights, logit_mean, ..., stage_loss_weights) come from :class:`.objective.DFMObjectiveConfig`,
     the optimisation ones (learning_rate, use_8bit_adam, mixed_precision, gradient_checkpointing, ...) from
-    :class:`.loop.LoopConfig`."""
+    :class:`.loop_config.LoopConfig`."""
 
     output_dir: str = "outputs/dfm-flux"
     train_batch_size: int = 1

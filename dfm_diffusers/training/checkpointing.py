@@ -441,3 +441,41 @@ class OutputDirLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+TRAINABLE_CHECKPOINT_FILE = "trainable_parameters.safetensors"
+
+
+def checkpoint_trainable_parameters_only(accelerator, model: torch.nn.Module) -> None:
+    """With frozen parameters (LoRA, frozen base), checkpoints hold only the trainable ones: megabytes instead of
+    a copy of the whole base model (24 GB for FLUX.1-dev) per checkpoint. The frozen weights come from where the
+    run started (the pretrained model), so nothing is lost."""
+    from safetensors.torch import load_file, save_file
+
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    def is_ours(m) -> bool:
+        return accelerator.unwrap_model(m) is model
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in names}
+            save_file(state, os.path.join(output_dir, TRAINABLE_CHECKPOINT_FILE))
+        for i in reversed(range(len(models))):
+            if is_ours(models[i]) and i < len(weights):
+                weights.pop(i)
+
+    def load_hook(models, input_dir):
+        for i in reversed(range(len(models))):
+            if is_ours(models[i]):
+                models.pop(i)
+        state = load_file(os.path.join(input_dir, TRAINABLE_CHECKPOINT_FILE))
+        if set(state) != names:
+            raise ValueError(
+                f"{input_dir} holds trainable parameters that do not match this model's "
+                f"(missing {sorted(names - set(state))[:5]}, unexpected {sorted(set(state) - names)[:5]})"
+            )
+        model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -74,7 +74,7 @@ def _cache_folder(root: str, kind: str, key: dict) -> str:
 class FluxEmbeddingCache:
     """The latent and text caches of one training configuration (see the module docstring).
 
-    ``task``: the :class:`.flux.FluxTask` (its frozen VAE / text encoders compute missing entries);
+    ``task``: the :class:`.flux_task.FluxTask` (its frozen VAE / text encoders compute missing entries);
     ``dataset``: a :class:`..data.captions.CaptionedImageDataset` (center crop, no flips: the pixels are fixed).
     """
 

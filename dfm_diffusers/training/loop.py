@@ -1,27 +1,19 @@
-"""The training loop shared by the DFM trainers (accelerate, diffusers' EMAModel, atomic checkpoints).
+"""The training loop shared by the DFM trainers (:func:`run_training`: accelerate, diffusers' EMAModel, atomic
+checkpoints).
 
-A trainer script supplies the model, the dataset and three callables:
+A trainer supplies the model, the dataset and three callables:
 - ``loss_fn(model, batch) -> (loss, logs)``: logs values are floats or ``(sum, count)`` pairs; each log row holds
   their means over the steps since the previous row (:class:`.log_window.LogWindow`)
 - ``sample_fn(model, step) -> None | dict[str, image]`` (writes sample grids; called with EMA weights swapped in);
-  a returned dict of images (PIL, or HWC uint8 arrays) is logged to the trackers that log images (TensorBoard, ...)
-- ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in)
+  a returned dict of images (PIL, or HWC uint8 arrays) is logged to the trackers that log images (TensorBoard, ...).
+  Under FSDP it runs on every process in lockstep and must write files only on the main one
+- ``export_fn(model, folder) -> None`` (writes the final pipeline folder; EMA weights swapped in; main process only)
 - optionally ``held_fixed_fn(step) -> parameters`` (``step`` = optimizer steps already taken): trainable parameters
-  the coming optimizer step must leave exactly as they are (e.g. FLUX's patchify-only adaptation phase); their
-  gradients are dropped before clipping, so AdamW skips them altogether (no update, no weight decay, no moments)
+  the coming optimizer step must leave exactly as they are (their gradients are dropped before clipping)
 
-Several processes (``accelerate launch``): data sharded across ranks by accelerate, checkpoints through
-``accelerator.save_state`` on every rank, the lock, logs, samples and the export on the main process. Under FSDP
-(accelerate's FSDP2, ``fsdp_version: 2``; see examples/accelerate/) the sharded forward needs every rank, so
-``sample_fn`` runs on all processes in lockstep and must write files only on the main one
-(``PartialState().is_main_process``); the export gathers the full state dict (``accelerator.get_state_dict``, on all
-ranks) and the main process alone calls ``export_fn`` with a plain, unsharded copy of the model holding it.
-
-Faults it survives: a step whose loss or gradient norm is not finite is skipped (no optimizer, lr or EMA update)
-and counted; ``max_consecutive_nonfinite_steps`` of them in a row stop the run (:class:`NonFiniteLossError`), and
-nothing holding NaN/inf is ever saved or exported. Checkpoints carry a manifest and ``latest`` takes the newest
-one that verifies; one run per output folder (a lock file); a failed save (full disk) removes its partial folder.
-See :mod:`.checkpointing`.
+Settings: :class:`.loop_config.LoopConfig`; checkpoint I/O: :mod:`.checkpointing`; FSDP: :mod:`.fsdp`; the output
+folder, log and Ctrl+C: :mod:`.run_folder`. Several processes: examples/accelerate/README.md; the faults it
+survives: docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -31,11 +23,8 @@ import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -54,13 +43,13 @@ from tqdm.auto import tqdm
 
 from ..data.seeded import SeededSamples, already_collated  # noqa: F401  (SeededSamples: public here too)
 from ..utils import configure_attention_backends
-from .config import did_you_mean, finite, positive_int, require, setting
 from .log_window import LogWindow
 from .steps import DataClock, StepVerdict, nonfinite_flags, skips_on_device, step_on_device
-from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_path, CHECKPOINT_RE: public here too)
+from .checkpointing import (  # noqa: F401  (names re-exported here: the loop's public API before the split)
     CHECKPOINT_RE,
     EMA_FILE,
     LOOP_STATE_FILE,
+    TRAINABLE_CHECKPOINT_FILE,
     NonFiniteLossError,
     NonFiniteTrainingError,
     OutputDirInUseError,
@@ -68,6 +57,7 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     TrainingInterrupted,
     abandon_failed_save,
     check_random_states,
+    checkpoint_trainable_parameters_only,
     list_checkpoints,
     load_ema,
     nonfinite_names,
@@ -78,284 +68,11 @@ from .checkpointing import (  # noqa: F401  (list_checkpoints, resolve_resume_pa
     save_ema,
     write_manifest,
 )
+from .fsdp import _local, consolidated_model, fsdp_problems  # noqa: F401
+from .loop_config import LoopConfig, make_optimizer  # noqa: F401
+from .run_folder import GracefulInterrupt, TrainingLog, check_output_dir, previous_run  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopConfig:
-    """Optimisation and bookkeeping settings common to every DFM trainer."""
-
-    output_dir: str = setting("outputs/dfm", "folder of checkpoints, logs, samples and the exported pipeline")
-    seed: int = setting(0, "seed of the weights' initialisation, data order and training draws")
-    train_batch_size: int = setting(32, "samples per device per forward pass")
-    gradient_accumulation_steps: int = setting(1, "forward passes per optimizer step")
-    max_train_steps: int = setting(1000, "optimizer steps to train for")
-    learning_rate: float = setting(1e-4, "peak learning rate (> 0)")
-    lr_scheduler: str = setting("constant_with_warmup", "diffusers.optimization scheduler name")
-    lr_warmup_steps: int = setting(0, "linear warm-up steps of the learning rate")
-    adam_beta1: float = setting(0.9, "AdamW beta1, in [0, 1)")
-    adam_beta2: float = setting(0.999, "AdamW beta2, in [0, 1)")
-    adam_weight_decay: float = setting(0.0, "AdamW decoupled weight decay (>= 0)")
-    adam_epsilon: float = setting(1e-8, "AdamW epsilon (> 0)")
-    use_8bit_adam: bool = setting(False, "bitsandbytes' 8-bit AdamW (needs a CUDA GPU)")
-    adam_fused: bool | None = setting(
-        None, "torch's fused AdamW kernel; default (null): on a CUDA device without FSDP. It also lets the loop read "
-        "a step's non-finite verdict one step later (nonfinite_check)"
-    )
-    max_grad_norm: float = setting(1.0, "gradient clipping norm; 0 turns clipping off")
-    use_ema: bool = setting(True, "keep an EMA of the weights (used for samples and the export)")
-    ema_decay: float = setting(0.9999, "EMA decay, in (0, 1)")
-    ema_warmup: bool = setting(False, "diffusers EMAModel's decay warm-up")
-    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", "accelerate mixed precision")
-    torch_compile: bool = setting(False, "torch.compile the model (on a GPU; ignored on the CPU)")
-    torch_compile_mode: str | None = setting(
-        None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default mode)"
-    )
-    torch_compile_objective: bool = setting(
-        False, "with torch_compile: compile the whole loss (the DFM objective around the model; one graph for the "
-        "DiT trainer) instead of the model alone"
-    )
-    nonfinite_check: Literal["deferred", "every_step"] = setting(
-        "deferred", "when the host reads whether a step's loss and gradient norm were finite: deferred (one step "
-        "later, the update dropped on the device; needs the fused AdamW, else every_step) or every_step (a host "
-        "sync per step)"
-    )
-    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass to save memory")
-    dataloader_num_workers: int = setting(0, "data loader worker processes")
-    checkpointing_steps: int = setting(500, "save a resumable checkpoint every N steps (and at the end); 0 = never")
-    checkpoints_total_limit: int | None = setting(2, "newest checkpoints kept (>= 1); null keeps all")
-    validation_steps: int = setting(500, "write sample grids every N steps (and at the end); 0 = only at the end")
-    log_every: int = setting(10, "append a training_log.jsonl row every N steps")
-    resume_from_checkpoint: str | None = setting(
-        None, "'latest' (of output_dir/checkpoints) or a checkpoint folder to resume from (alias: --resume)"
-    )
-    overwrite_output_dir: bool = setting(
-        False, "start over in an output_dir that holds a previous run (its checkpoints, log and pipeline are "
-        "removed first); without it, or resume_from_checkpoint, such a folder is refused"
-    )
-    report_to: str | None = setting("tensorboard", "accelerate tracker (tensorboard, wandb, ...); 'none' for none")
-    tracker_project_name: str = setting("dfm", "project name given to the tracker")
-
-    max_consecutive_nonfinite_steps: int = setting(
-        5, "steps whose loss or gradient norm is NaN/inf are skipped; this many in a row stop the run"
-    )
-
-    def validate(self) -> list[str]:
-        """Range checks of these fields (``key: problem`` lines; see :func:`.config.config_problems`)."""
-        from diffusers.optimization import SchedulerType
-
-        schedulers = [t.value for t in SchedulerType]
-        problems = require(bool(self.output_dir), "output_dir", "must name a folder")
-        problems += require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
-        problems += positive_int(
-            self, "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
-            "max_consecutive_nonfinite_steps"
-        )
-        problems += positive_int(self, "lr_warmup_steps", "dataloader_num_workers", "checkpointing_steps",
-                                 "validation_steps", allow_zero=True)
-        problems += positive_int(self, "checkpoints_total_limit", optional=True)
-        problems += finite(self, "learning_rate", "adam_epsilon", low=0.0, low_open=True)
-        problems += finite(self, "adam_beta1", "adam_beta2", low=0.0, high=1.0, high_open=True)
-        problems += finite(self, "adam_weight_decay", "max_grad_norm", low=0.0)
-        problems += finite(self, "ema_decay", low=0.0, high=1.0, low_open=True, high_open=True)
-        problems += require(not self.torch_compile_objective or self.torch_compile, "torch_compile_objective",
-                            "needs torch_compile: true")
-        problems += require(
-            self.lr_scheduler in schedulers, "lr_scheduler",
-            f"must be one of {', '.join(schedulers)}, got {self.lr_scheduler!r}"
-            f"{did_you_mean(self.lr_scheduler, schedulers)}",
-        )
-        resume = self.resume_from_checkpoint
-        problems += require(
-            not resume or resume == "latest" or os.path.isdir(resume), "resume_from_checkpoint",
-            f"{resume!r} is not a checkpoint folder (or 'latest')",
-        )
-        return problems
-
-
-
-def previous_run(output_dir: str) -> str | None:
-    """What of an earlier run ``output_dir`` holds (a finished export, checkpoints, a training log), or None."""
-    found = []
-    if any(os.path.isfile(os.path.join(output_dir, "pipeline", f)) for f in ("model_index.json", "dfm_lora_config.json")):
-        found.append("a finished run's pipeline/")
-    kept = list_checkpoints(os.path.join(output_dir, "checkpoints"))
-    if kept:
-        found.append(f"checkpoints up to step {kept[-1][0]}")
-    log = os.path.join(output_dir, "training_log.jsonl")
-    if os.path.isfile(log) and os.path.getsize(log) > 0:
-        found.append("training_log.jsonl")
-    return ", ".join(found) or None
-
-
-def check_output_dir(config: LoopConfig) -> str | None:
-    """OutputDirInUseError for an output_dir holding a previous run when the config neither resumes nor
-    overwrites it; returns what it holds (None if nothing)."""
-    found = previous_run(config.output_dir)
-    if found and not config.resume_from_checkpoint and not config.overwrite_output_dir:
-        raise OutputDirInUseError(
-            f"{config.output_dir} holds a previous run ({found}). Resume it with --resume_from_checkpoint latest, "
-            f"start over there with --overwrite_output_dir true (removes its checkpoints, log and pipeline), or "
-            f"choose another --output_dir"
-        )
-    return found
-
-
-class GracefulInterrupt:
-    """While active (main thread only): the first Ctrl+C asks the loop to stop after the current step (it saves a
-    checkpoint and raises TrainingInterrupted); a second one aborts at once (KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the second Ctrl+C raises KeyboardInterrupt
-        print("\nCtrl+C: finishing this step, then saving a checkpoint (Ctrl+C again aborts at once)", flush=True)
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-    def stop_now(self, accelerator) -> bool:
-        """Whether any process was interrupted (a collective when there are several processes)."""
-        if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.gather(flag).max() > 0)
-
-
-def make_optimizer(params, config: LoopConfig, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW (``fused``: torch's fused kernel; default ``config.adam_fused``, else torch's choice), or
-    bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (needs a CUDA GPU)."""
-    kwargs = dict(
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay,
-        eps=config.adam_epsilon,
-    )
-    if config.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:  # pragma: no cover - bitsandbytes is a dependency
-            raise ImportError("use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`") from e
-        return bnb.optim.AdamW8bit(params, **kwargs)
-    fused = config.adam_fused if fused is None else fused
-    return torch.optim.AdamW(params, **kwargs, **({"fused": True} if fused else {}))
-
-
-class TrainingLog:
-    """JSON-lines metrics log that survives resumes (entries after the resumed step are dropped)."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int):
-        if not (self.enabled and os.path.exists(self.path)):
-            return
-        with open(self.path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        tmp = self.path + ".tmp"  # rewritten atomically: a kill here leaves the old log or the new one
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                if row["step"] <= step:
-                    f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
-
-    def append(self, row: dict[str, Any]):
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def read(self) -> list[dict[str, Any]]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-
-
-TRAINABLE_CHECKPOINT_FILE = "trainable_parameters.safetensors"
-
-
-def checkpoint_trainable_parameters_only(accelerator: Accelerator, model: torch.nn.Module) -> None:
-    """With frozen parameters (LoRA, frozen base), checkpoints hold only the trainable ones: megabytes instead of
-    a copy of the whole base model (24 GB for FLUX.1-dev) per checkpoint. The frozen weights come from where the
-    run started (the pretrained model), so nothing is lost."""
-    from safetensors.torch import load_file, save_file
-
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-
-    def is_ours(m) -> bool:
-        return accelerator.unwrap_model(m) is model
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            state = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if n in names}
-            save_file(state, os.path.join(output_dir, TRAINABLE_CHECKPOINT_FILE))
-        for i in reversed(range(len(models))):
-            if is_ours(models[i]) and i < len(weights):
-                weights.pop(i)
-
-    def load_hook(models, input_dir):
-        for i in reversed(range(len(models))):
-            if is_ours(models[i]):
-                models.pop(i)
-        state = load_file(os.path.join(input_dir, TRAINABLE_CHECKPOINT_FILE))
-        if set(state) != names:
-            raise ValueError(
-                f"{input_dir} holds trainable parameters that do not match this model's "
-                f"(missing {sorted(names - set(state))[:5]}, unexpected {sorted(set(state) - names)[:5]})"
-            )
-        model.load_state_dict(state, strict=False)
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def fsdp_problems(accelerator: Accelerator, model: torch.nn.Module, config: LoopConfig) -> list[str]:
-    """What this loop cannot do under FSDP (each a sentence; empty when the run can go ahead)."""
-    problems = []
-    if not getattr(accelerator, "is_fsdp2", False):
-        problems.append("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
-                        "(examples/accelerate/fsdp_full_finetune.yaml)")
-    if any(not p.requires_grad for p in model.parameters()):
-        problems.append("frozen parameters (LoRA, a frozen base) are not supported under FSDP: train LoRA with DDP "
-                        "(examples/accelerate/ddp_lora.yaml); FSDP is for full finetuning")
-    if config.use_ema:
-        problems.append("use_ema is not supported under FSDP (the EMA would be a second unsharded copy of the "
-                        "weights): set use_ema false")
-    if config.use_8bit_adam:
-        problems.append("use_8bit_adam is not supported under FSDP (bitsandbytes' 8-bit AdamW does not take "
-                        "FSDP2's sharded DTensor parameters): set use_8bit_adam false")
-    return problems
-
-
-def consolidated_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A plain (unsharded) instance of ``model``'s class holding ``state_dict`` (a full state dict, e.g. from
-    ``accelerator.get_state_dict``), built on the meta device and assigned the tensors (no second initialisation).
-    ``model``: a diffusers ModelMixin, possibly turned into an FSDP2 module (``fully_shard`` changes its class)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    from ..models.loading import model_from_state_dict
-
-    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
-    return model_from_state_dict(cls, model.config, state_dict, "consolidated state dict")
-
-
-def _local(named_tensors):
-    """(name, this rank's shard) for FSDP2's DTensor parameters; other tensors as they are."""
-    from torch.distributed.tensor import DTensor
-
-    for name, t in named_tensors:
-        yield name, t.to_local() if isinstance(t, DTensor) else t
 
 
 def run_training(

@@ -76,6 +76,17 @@ def test_deterministic_and_label_dependent():
     assert (a - c).abs().max() > 1e-4
 
 
+def test_num_inference_steps_is_the_total_split_in_the_scheduler_ratio():
+    """DiTPipeline's num_inference_steps (diffusers' PipelineTesterMixin passes it): the total of steps_per_stage."""
+    pipe = make_pipe(2, steps_per_stage=[3, 2])
+    a = pipe(class_labels=[1], generator=gen(), output_type="pt", num_inference_steps=7).images
+    assert pipe.scheduler.num_inference_steps == 7 and pipe.scheduler.split_steps(7) == [4, 3]
+    b = pipe(class_labels=[1], generator=gen(), output_type="pt", steps_per_stage=[4, 3]).images
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        pipe(class_labels=[1], num_inference_steps=4, steps_per_stage=[2, 2])
+
+
 def test_cfg_is_applied_per_stage_and_respects_the_guidance_interval():
     """Against a hand-written reference loop: v = u + w (c - u) on stage s only while sigma_s is inside the interval."""
     pipe = make_pipe(steps_per_stage=[3, 2], stage_thresholds=[0.4])

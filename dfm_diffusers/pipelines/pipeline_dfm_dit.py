@@ -108,6 +108,7 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         return_previews: bool = False,
         return_dict: bool = True,
         callback_on_stage_end: StageEndCallback | None = None,
+        num_inference_steps: int | None = None,
     ):
         """Generate one image per class label.
 
@@ -118,6 +119,8 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
                 lies inside it (guidance interval, Kynkaanniemi et al. 2024).
             steps_per_stage / stage_thresholds: override the scheduler config for this call (thresholds are the
                 actual sigma, after the time shift, at which the next stage starts).
+            num_inference_steps: DiTPipeline's name for the total number of steps (an int >= the number of
+                stages), split in the scheduler's steps_per_stage ratio; not together with ``steps_per_stage``.
             latents: optional list of per-stage initial noise [B, C, H_s, W_s].
             callback_on_stage_end: ``callback(pipe, stage, preview)`` when each stage's preview is ready (decoded
                 in ``output_type``); the last call carries the final images.
@@ -140,6 +143,10 @@ class DFMDiTPipeline(DFMStagewiseMixin, DFMHubMixin, DiffusionPipeline):
         if labels.numel() == 0 or labels.min() < 0 or labels.max() >= config.num_classes:
             raise ValueError(f"class_labels must be in 0..{config.num_classes - 1}, got {labels.tolist()}")
         check_scale("guidance_scale", guidance_scale)
+        if num_inference_steps is not None:
+            if steps_per_stage is not None:
+                raise ValueError("pass steps_per_stage or num_inference_steps (its int total), not both")
+            steps_per_stage = num_inference_steps
         if guidance_interval is not None and not 0 <= guidance_interval[0] <= guidance_interval[1] <= 1:
             raise ValueError(f"guidance_interval must be (low, high) with 0 <= low <= high <= 1, got {guidance_interval}")
         batch = labels.shape[0]

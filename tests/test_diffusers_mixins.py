@@ -128,7 +128,7 @@ class TestDFMPipelineFirstBlockCache(DFMPipelineTesterConfig, FirstBlockCacheTes
 
 
 #: Upstream's MagCache test runs 3 x 50 steps, a large share of this file's time on the shared CPU; 20 steps (10 per
-#: stage) still leave the cache skipping steps (after its 20 % retention) at 2/5 of the cost. On an accelerator the
+#: stage) still leave the cache skipping steps (the blocks run in 8 of the 20) at 2/5 of the cost. On an accelerator the
 #: upstream test runs unchanged. (TaylorSeer keeps upstream's 50 steps: with 20 its extrapolation drifts 0.125 from
 #: the uncached output on these random weights, over the test's 0.1.)
 CACHE_STEPS = 50 if torch_device != "cpu" else 20

@@ -42,7 +42,7 @@ _TOKENIZERS = tempfile.TemporaryDirectory(prefix="dfm-mixin-tokenizers-")  # rem
 
 @functools.lru_cache(maxsize=1)
 def tokenizer_root():
-    """Tiny CLIP / T5 tokenizers saved once for this module (the mixins call get_dummy_components without fixtures)."""
+    """Tiny CLIP / T5 tokenizers, saved once (the mixins call get_dummy_components outside fixtures)."""
     return make_tiny_tokenizers(Path(_TOKENIZERS.name))
 
 
@@ -128,9 +128,9 @@ class TestDFMPipelineFirstBlockCache(DFMPipelineTesterConfig, FirstBlockCacheTes
 
 
 #: Upstream's MagCache test runs 3 x 50 steps, a large share of this file's time on the shared CPU; 20 steps (10 per
-#: stage) still leave the cache skipping steps (the blocks run in 8 of the 20) at 2/5 of the cost. On an accelerator the
-#: upstream test runs unchanged. (TaylorSeer keeps upstream's 50 steps: with 20 its extrapolation drifts 0.125 from
-#: the uncached output on these random weights, over the test's 0.1.)
+#: stage) still leave the cache skipping steps (the blocks run in 8 of the 20) at 2/5 of the cost. On an accelerator
+#: the upstream test runs unchanged. (TaylorSeer keeps upstream's 50 steps: with 20 its extrapolation drifts 0.125
+#: from the uncached output on these random weights, over the test's 0.1.)
 CACHE_STEPS = 50 if torch_device != "cpu" else 20
 
 
@@ -143,7 +143,9 @@ class TestDFMPipelineMagCache(DFMPipelineTesterConfig, MagCacheTesterMixin):
                         "mag_ratios": torch.ones(CACHE_STEPS)}
 
     def test_mag_cache_inference(self, expected_atol: float = 0.1):
-        self._test_cache_inference(self._get_cache_config(), num_inference_steps=CACHE_STEPS, expected_atol=expected_atol)
+        self._test_cache_inference(
+            self._get_cache_config(), num_inference_steps=CACHE_STEPS, expected_atol=expected_atol
+        )
 
 
 #: LoRA tests that cost 1-12 s each on the shared 2-core CPU and exercise text-encoder LoRA or adapter bookkeeping
@@ -169,4 +171,4 @@ class TestDFMPipelineLoRA(DFMPipelineTesterConfig, LoraTesterMixin):
     @pytest.fixture(autouse=True)
     def _skip_costly_on_cpu(self, request):
         if not RUN_ALL and request.node.originalname in CPU_COSTLY_LORA_TESTS:
-            pytest.skip("cost on the shared CPU (text-encoder LoRA / adapter bookkeeping); DFM_DIFFUSERS_MIXINS_FULL=1")
+            pytest.skip("cost on CPU (text-encoder LoRA / adapter bookkeeping); DFM_DIFFUSERS_MIXINS_FULL=1 runs it")

@@ -1,0 +1,1 @@
+"""Vendored subset of diffusers' test mixins (see README.md in this folder)."""

@@ -37,16 +37,6 @@ from diffusers_mixins.testing_utils import torch_device
 from dfm_diffusers import DFMPipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    """Tiny models on a CPU: one intra-op thread is several times faster than the default pool (measured: one
-    two-stage DFMPipeline call 0.9 s -> 0.13 s on 2 shared cores); restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 _TOKENIZERS = tempfile.TemporaryDirectory(prefix="dfm-mixin-tokenizers-")  # removed when the module is freed
 
 

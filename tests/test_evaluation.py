@@ -258,8 +258,8 @@ def _parameters(config):
 def test_cpu_preset_recipe_overrides_estimate_and_a_tiny_run(tmp_path, caplog):
     default, cpu = classifier_preset("default"), classifier_preset("cpu")
     assert default == ClassifierTrainingConfig() and sorted(CLASSIFIER_PRESETS) == ["cpu", "default"]
-    # the CPU recipe: 5x fewer steps of half the batch on a classifier with < 1/8 of the parameters
-    assert cpu.steps * 5 <= default.steps and cpu.batch_size < default.batch_size
+    # the CPU recipe: half the steps of half the batch on a classifier with < 1/8 of the parameters
+    assert cpu.steps * 2 <= default.steps and cpu.batch_size * 2 <= default.batch_size
     assert _parameters(cpu) * 8 < _parameters(default)
     assert cpu.warmup_steps <= cpu.steps // 10
     cpu.steps = 1  # a copy: the preset table is untouched

@@ -106,7 +106,7 @@ class ClassifierTrainingConfig:
 # with the same classifier.
 CLASSIFIER_PRESETS = {
     "default": ClassifierTrainingConfig(),
-    "cpu": ClassifierTrainingConfig(steps=800, batch_size=128, learning_rate=3e-3, warmup_steps=80,
+    "cpu": ClassifierTrainingConfig(steps=2000, batch_size=128, learning_rate=3e-3, warmup_steps=100, crop_padding=2,
                                     widths=[16, 32, 64], blocks_per_stage=1),
 }
 

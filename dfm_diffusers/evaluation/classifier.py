@@ -101,8 +101,8 @@ class ClassifierTrainingConfig:
 
 
 # Named training recipes (``train-classifier --preset``). "default" is the GPU recipe every published score uses;
-# "cpu" is a smaller, shorter one for machines without a GPU that still passes `score`'s default accuracy gate
-# (docs/evaluation.md has the measured time and accuracy). FD values are only comparable between samples scored
+# "cpu" is a smaller, shorter one for machines without a GPU, aimed at `score`'s default accuracy gate (0.9)
+# (docs/evaluation.md has what was measured). FD values are only comparable between samples scored
 # with the same classifier.
 CLASSIFIER_PRESETS = {
     "default": ClassifierTrainingConfig(),

@@ -3,7 +3,7 @@
 Examples::
 
     # once: the feature classifier (Fashion-MNIST 32 px, ~1 min on a GPU), saved with its test accuracy;
-    # without a GPU add --preset cpu (a smaller classifier; about 4 min of training on 2 free CPU cores)
+    # without a GPU add --preset cpu (a smaller classifier, 90.1% test accuracy; 4-17 min on 2 CPU cores)
     python -m dfm_diffusers.evaluation train-classifier --out eval/classifier
 
     # 10k class-balanced samples from a trained pipeline folder, 8-bit, to .npz
@@ -53,8 +53,8 @@ def _train_classifier(args) -> dict:
     if device == "cpu" and args.preset != "cpu":
         eta = estimate_training_seconds(classifier_preset("cpu"), 3, args.resolution)
         logging.getLogger(__name__).warning(
-            "no GPU: on this CPU `--preset cpu` would train a smaller classifier (aimed at score's default accuracy "
-            "gate, 0.9) in about %s (timed just now)", format_duration(eta["total_seconds"]))
+            "no GPU: on this CPU `--preset cpu` would train a smaller classifier (90.1%% test accuracy when measured, "
+            "score's default gate is 0.9) in about %s (timed just now)", format_duration(eta["total_seconds"]))
     model = train_classifier_on_dataset(args.out, args.dataset, args.resolution, args.data_dir, device,
                                         config, args.max_samples)
     accuracy = model.record["test_accuracy"]

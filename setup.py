@@ -33,7 +33,8 @@ setup(
         "torchmetrics>=1.4,<2",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "scikit-image>=0.24,<0.27"],
+        # gradio + gradio_client: tests/test_app.py drives the live demo like a browser would
+        "test": ["pytest>=8,<10", "scikit-image>=0.24,<0.27", "gradio>=6.31,<7", "gradio_client>=2,<3"],
         # Inception FID through torchmetrics needs torch-fidelity's feature extractor (weights supplied by the user)
         "fid": ["torch-fidelity>=0.4,<0.5"],
         # the optional perceptual term of the VAE adaptation (weights supplied by the user)

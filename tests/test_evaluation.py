@@ -14,14 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from dfm_diffusers.evaluation import (
+    CLASSIFIER_PRESETS,
     ClassifierTrainingConfig,
     FeatureClassifier,
     MissingWeightsError,
     Reference,
     classifier_accuracy,
     classifier_fingerprint,
+    classifier_preset,
     dataset_images,
     dinov2_frechet_distance,
+    estimate_training_seconds,
     extract_features,
     frechet_distance,
     frechet_distance_from_statistics,
@@ -37,6 +40,7 @@ from dfm_diffusers.evaluation import (
     train_feature_classifier,
     uint8_to_tensor,
 )
+from dfm_diffusers.evaluation.__main__ import build_parser, classifier_config
 from dfm_diffusers.evaluation.__main__ import main as evaluation_main
 from dfm_diffusers.evaluation.classifier import augment
 from dfm_diffusers.evaluation.pretrained import dinov2_features, load_dinov2
@@ -232,11 +236,12 @@ def test_classifier_save_load_round_trip_and_refusals(tiny_classifier_dir):
         load_feature_classifier(path.parent / "missing")
 
 
-def test_train_classifier_command_records_accuracy_and_enforces_the_bar(tmp_path):
+def test_train_classifier_command_records_accuracy_and_enforces_the_bar(tmp_path, caplog):
     args = ["train-classifier", "--out", str(tmp_path / "c"), "--steps", "3", "--batch-size", "8", "--widths", "4",
             "8", "--blocks-per-stage", "1", "--max-samples", "32", "--resolution", "16", "--device", "cpu"]
     with pytest.raises(ValueError, match="reaches only .* test accuracy"):  # 3 steps cannot reach 90%
         evaluation_main(args)
+    assert "--preset cpu" in caplog.text  # the default recipe on a CPU points to the CPU one
     record = json.loads((tmp_path / "c" / "classifier.json").read_text())  # saved all the same, honestly labelled
     model = load_feature_classifier(tmp_path / "c")
     images, labels = dataset_images("fashion_mnist", "test", 16, max_samples=32)
@@ -244,6 +249,48 @@ def test_train_classifier_command_records_accuracy_and_enforces_the_bar(tmp_path
     assert record["training"]["steps"] == 3 and record["dataset"]["test_images"] == 32
     assert record["fd_train_vs_test"] > 0
     assert evaluation_main(args + ["--min-test-accuracy", "0"])["test_accuracy"] == record["test_accuracy"]
+
+
+def _parameters(config):
+    return sum(p.numel() for p in FeatureClassifier(1, 10, config.widths, config.blocks_per_stage).parameters())
+
+
+def test_cpu_preset_recipe_overrides_estimate_and_a_tiny_run(tmp_path, caplog):
+    default, cpu = classifier_preset("default"), classifier_preset("cpu")
+    assert default == ClassifierTrainingConfig() and sorted(CLASSIFIER_PRESETS) == ["cpu", "default"]
+    # the CPU recipe: half the steps of half the batch on a classifier with < 1/8 of the parameters
+    assert cpu.steps * 2 <= default.steps and cpu.batch_size * 2 <= default.batch_size
+    assert _parameters(cpu) * 8 < _parameters(default)
+    assert cpu.warmup_steps <= cpu.steps // 10
+    cpu.steps = 1  # a copy: the preset table is untouched
+    assert CLASSIFIER_PRESETS["cpu"].steps > 1
+    with pytest.raises(ValueError, match="unknown classifier preset 'tpu'"):
+        classifier_preset("tpu")
+
+    def parsed(*flags):
+        return classifier_config(build_parser().parse_args(["train-classifier", "--out", "x", *flags]))
+
+    assert parsed() == ClassifierTrainingConfig() and parsed("--preset", "cpu") == CLASSIFIER_PRESETS["cpu"]
+    override = parsed("--preset", "cpu", "--steps", "5", "--widths", "8", "16")
+    assert (override.steps, override.widths, override.batch_size) == (5, [8, 16], CLASSIFIER_PRESETS["cpu"].batch_size)
+
+    tiny = ClassifierTrainingConfig(**{**vars(CLASSIFIER_PRESETS["cpu"]), "steps": 10, "batch_size": 8})
+    eta = estimate_training_seconds(tiny, 1, 16, eval_images=2048)
+    assert eta["seconds_per_step"] > 0 and eta["eval_seconds"] > 0
+    assert eta["train_seconds"] == pytest.approx(10 * eta["seconds_per_step"])
+    assert eta["total_seconds"] == pytest.approx(eta["train_seconds"] + eta["eval_seconds"])
+
+    caplog.set_level("INFO")
+    out = tmp_path / "cpu"
+    evaluation_main(["train-classifier", "--out", str(out), "--preset", "cpu", "--steps", "3", "--batch-size", "8",
+                     "--max-samples", "32", "--resolution", "16", "--device", "cpu", "--min-test-accuracy", "0"])
+    record = json.loads((out / "classifier.json").read_text())
+    assert record["model_config"]["widths"] == CLASSIFIER_PRESETS["cpu"].widths
+    assert record["model_config"]["blocks_per_stage"] == CLASSIFIER_PRESETS["cpu"].blocks_per_stage
+    assert record["training"]["learning_rate"] == CLASSIFIER_PRESETS["cpu"].learning_rate
+    assert record["training"]["steps"] == 3
+    assert "feature classifier: about" in caplog.text and "3 steps x" in caplog.text  # printed before training
+    assert "--preset cpu" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------ Inception FID / DINOv2 FD

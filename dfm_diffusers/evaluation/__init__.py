@@ -9,9 +9,12 @@
 """
 
 from .classifier import (
+    CLASSIFIER_PRESETS,
     ClassifierTrainingConfig,
     FeatureClassifier,
     classifier_accuracy,
+    classifier_preset,
+    estimate_training_seconds,
     extract_features,
     load_feature_classifier,
     load_or_train_classifier,
@@ -36,6 +39,7 @@ from .sampling import sample_pipeline
 from .scoring import Reference, classifier_fingerprint, score_images
 
 __all__ = [
+    "CLASSIFIER_PRESETS",
     "ClassifierTrainingConfig",
     "FeatureClassifier",
     "MissingWeightsError",
@@ -43,8 +47,10 @@ __all__ = [
     "balanced_labels",
     "classifier_accuracy",
     "classifier_fingerprint",
+    "classifier_preset",
     "dataset_images",
     "dinov2_frechet_distance",
+    "estimate_training_seconds",
     "extract_features",
     "frechet_distance",
     "frechet_distance_from_statistics",

@@ -2,7 +2,8 @@
 
 Examples::
 
-    # once: the feature classifier (Fashion-MNIST 32 px, ~1 min on a GPU), saved with its test accuracy
+    # once: the feature classifier (Fashion-MNIST 32 px, ~1 min on a GPU), saved with its test accuracy;
+    # without a GPU add --preset cpu (a smaller classifier, 90.1% test accuracy; 4-17 min on 2 CPU cores)
     python -m dfm_diffusers.evaluation train-classifier --out eval/classifier
 
     # 10k class-balanced samples from a trained pipeline folder, 8-bit, to .npz
@@ -31,12 +32,30 @@ def _device(name: str) -> str:
     return name
 
 
-def _train_classifier(args) -> dict:
-    from .classifier import ClassifierTrainingConfig, train_classifier_on_dataset
+def classifier_config(args):
+    """The ClassifierTrainingConfig of `train-classifier`'s arguments: the --preset's recipe, with the flags given
+    explicitly on the command line overriding its fields."""
+    from .classifier import classifier_preset
 
-    config = ClassifierTrainingConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                      seed=args.seed, widths=args.widths, blocks_per_stage=args.blocks_per_stage)
-    model = train_classifier_on_dataset(args.out, args.dataset, args.resolution, args.data_dir, _device(args.device),
+    config = classifier_preset(args.preset)
+    for flag, field_ in (("steps", "steps"), ("batch_size", "batch_size"), ("lr", "learning_rate"),
+                         ("widths", "widths"), ("blocks_per_stage", "blocks_per_stage"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            setattr(config, field_, getattr(args, flag))
+    return config
+
+
+def _train_classifier(args) -> dict:
+    from .classifier import classifier_preset, estimate_training_seconds, format_duration, train_classifier_on_dataset
+
+    device = _device(args.device)
+    config = classifier_config(args)
+    if device == "cpu" and args.preset != "cpu":
+        eta = estimate_training_seconds(classifier_preset("cpu"), 3, args.resolution)
+        logging.getLogger(__name__).warning(
+            "no GPU: on this CPU `--preset cpu` would train a smaller classifier (90.1%% test accuracy when measured, "
+            "score's default gate is 0.9) in about %s (timed just now)", format_duration(eta["total_seconds"]))
+    model = train_classifier_on_dataset(args.out, args.dataset, args.resolution, args.data_dir, device,
                                         config, args.max_samples)
     accuracy = model.record["test_accuracy"]
     if accuracy < args.min_test_accuracy:
@@ -115,12 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion_mnist", help="image source with train and test splits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--blocks-per-stage", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="default", choices=["default", "cpu"],
+                   help="training recipe: default (4000 steps of 256 images, widths 32 64 128, 2 blocks; ~1 min on "
+                        "a GPU) or cpu (2000 steps of 128 images, widths 16 32 64, 1 block, crops padded by 2 px, for "
+                        "machines without a GPU); the flags below override its fields. The time estimate is printed before training")
+    p.add_argument("--steps", type=int, default=None, help="training steps (preset: 4000 / cpu 2000)")
+    p.add_argument("--batch-size", type=int, default=None, help="(preset: 256 / cpu 128)")
+    p.add_argument("--lr", type=float, default=None, help="(preset: 2e-3 / cpu 3e-3)")
+    p.add_argument("--widths", type=int, nargs="+", default=None, help="(preset: 32 64 128 / cpu 16 32 64)")
+    p.add_argument("--blocks-per-stage", type=int, default=None, help="(preset: 2 / cpu 1)")
+    p.add_argument("--seed", type=int, default=None, help="(preset: 0)")
     p.add_argument("--max-samples", type=int, default=None, help="first N images of each split (quick tests)")
     p.add_argument("--min-test-accuracy", type=float, default=0.9,
                    help="exit with an error (the classifier is still saved) below this test accuracy")

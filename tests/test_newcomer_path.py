@@ -66,10 +66,11 @@ def test_a_second_run_into_the_same_folder_is_refused_unless_asked(tmp_path):
 
 def test_first_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path):
     reference, _ = train(tmp_path / "whole", 8)
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a background job
     with pytest.raises(TrainingInterrupted, match="interrupted after step 3.*--resume_from_checkpoint latest"):
         train(tmp_path / "cut", 8, interrupt_at=(3,))
     assert sorted(os.listdir(tmp_path / "cut" / "checkpoints")) == ["checkpoint-3"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler is put back
     resumed, result = train(tmp_path / "cut", 8, resume_from_checkpoint="latest")
     assert result["global_step"] == 8
     for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()):

@@ -43,6 +43,19 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_facto
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help})
 
 
+@dataclasses.dataclass
+class HubExportConfig:
+    """Where a trainer's exported pipeline goes besides output_dir (both trainers' settings)."""
+
+    push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
+    hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
+    self_contained_export: bool = setting(
+        False, "write the exported pipeline folder (and the pushed repo) with the library's code next to the weights, "
+        "so plain diffusers loads it with trust_remote_code=True (a whole pipeline: for FLUX a full finetune or "
+        "fuse_lora_on_export)"
+    )
+
+
 # ------------------------------------------------------------------------------------------ type hints
 
 

@@ -20,14 +20,15 @@ from ..schedulers import DFMScheduler
 from ..visualize import image_grid, line_plot
 from ..utils import normalize_stage_factors
 from .config import (
-    ConfigError, check_config, did_you_mean, finite, flat_hparams, positive_int, require, setting, stage_list_problems,
+    ConfigError, HubExportConfig, check_config, did_you_mean, finite, flat_hparams, positive_int, require, setting,
+    stage_list_problems,
 )
 from .loop import LoopConfig, run_training
 from .objective import DFMObjectiveConfig, dfm_objective
 
 
 @dataclass
-class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
+class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig, HubExportConfig):
     """All settings of train_dfm_dit.py (YAML keys / --overrides). The DFM training-distribution fields
     (stage_weights, logit_mean, ..., stage_loss_weights) come from :class:`.objective.DFMObjectiveConfig`."""
 
@@ -80,13 +81,7 @@ class DiTTrainingConfig(LoopConfig, DFMObjectiveConfig):
     save_pipeline_at_validation: bool = setting(
         False, "also export the EMA pipeline to <output_dir>/pipeline-<step> at every validation step"
     )
-    # hub
-    push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
-    hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
-    self_contained_export: bool = setting(
-        False, "write the exported pipeline folder (and the pushed repo) with the library's code next to the weights, "
-        "so plain diffusers loads it with trust_remote_code=True"
-    )
+    # hub (push_to_hub, hub_model_id, self_contained_export: HubExportConfig)
 
     def validate(self) -> list[str]:
         """Range and consistency checks, before any data or model is loaded: the model preset, the stage lists

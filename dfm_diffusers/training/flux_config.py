@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 
 from ..utils import normalize_stage_factors
-from .config import finite, positive_int, require, setting, stage_list_problems
+from .config import HubExportConfig, finite, positive_int, require, setting, stage_list_problems
 from .loop_config import LoopConfig
 from .objective import DFMObjectiveConfig
 from .quantize import bitsandbytes_problem
@@ -26,7 +26,7 @@ _MIXED_PRECISION_DTYPES = {"no": "float32", "bf16": "bfloat16", "fp16": "float16
 
 
 @dataclass
-class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
+class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig, HubExportConfig):
     """All settings of train_dfm_flux.py (YAML keys / --overrides). The DFM training-distribution fields
     (stage_weights, logit_mean, ..., stage_loss_weights) come from :class:`.objective.DFMObjectiveConfig`,
     the optimisation ones (learning_rate, use_8bit_adam, mixed_precision, gradient_checkpointing, ...) from
@@ -147,14 +147,7 @@ class FluxTrainingConfig(LoopConfig, DFMObjectiveConfig):
     stage_thresholds: list[float] | None = setting(
         None, "sigma at which each later stage starts: 0.05 = the paper's tau 0.95 at 1024px"
     )
-    # hub
-    push_to_hub: bool = setting(False, "push the exported pipeline to the Hub")
-    hub_model_id: str | None = setting(None, "Hub repo id (default: output_dir's name)")
-    self_contained_export: bool = setting(
-        False, "write the exported pipeline folder (and the pushed repo) with the library's code next to the weights, "
-        "so plain diffusers loads it with trust_remote_code=True (a whole pipeline: full finetune or "
-        "fuse_lora_on_export)"
-    )
+    # hub (push_to_hub, hub_model_id, self_contained_export: HubExportConfig)
     base_model_id: str | None = setting(
         None, "Hub id of the base model, recorded in the LoRA export and the model card when pretrained is a local "
         "folder (e.g. black-forest-labs/FLUX.1-dev); default: pretrained"
